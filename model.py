@@ -14,7 +14,429 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
-# DiT (written by the lead; the autoencoder section at the end of the file is separate)
+# The Flux DiT (BFL src/flux/model.py, modules/layers.py, math.py)
+
+@dataclass
+class FluxConfig:
+    in_channels: int = 64          # 16 latent channels x 2x2 patch (pixel-space models: 3 x 2x2 = 12, etc.)
+    out_channels: int = 64
+    vec_in_dim: int = 768          # CLIP-L pooled output
+    context_in_dim: int = 4096     # T5-XXL d_model
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19                # double-stream blocks
+    depth_single_blocks: int = 38
+    axes_dim: tuple = (16, 56, 56) # RoPE dims per id axis, must sum to head_dim
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True    # FLUX.1-dev is guidance-distilled; schnell is not
+
+
+PRESETS = {
+    'flux-dev': FluxConfig(),
+    'flux-schnell': FluxConfig(guidance_embed=False),
+    # small models for tests and the CPU testbed (any channel count works: pixel-space models too)
+    'tiny': FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
+                       num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6)),
+    'small': FluxConfig(in_channels=64, out_channels=64, vec_in_dim=128, context_in_dim=256, hidden_size=512,
+                        num_heads=8, depth=4, depth_single_blocks=8, axes_dim=(16, 24, 24)),
+    'digits': FluxConfig(in_channels=4, out_channels=4, vec_in_dim=384, context_in_dim=384, hidden_size=128,
+                         num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12)),
+}
+
+# ----- small pieces -----
+
+def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
+    # the Flux sinusoid: t is in [0,1], scaled by 1000, COS first then SIN, computed in fp32
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+
+def rope(pos, dim, theta):
+    # per-axis rotation matrices for interleaved (GPT-J style) pairs: (B, L, dim/2, 2, 2), fp32
+    scale = torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim
+    omega = 1.0 / (theta ** scale)
+    out = pos.float()[..., None] * omega
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return out.unflatten(-1, (2, 2))
+
+
+def apply_rope(x, pe):
+    # x: (B, H, L, D) viewed as D/2 pairs; rotate each pair by its angle, in fp32
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def attention(q, k, v, pe):
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    x = F.scaled_dot_product_attention(q, k, v)
+    return x.transpose(1, 2).flatten(2)  # B H L D -> B L (H D)
+
+
+def layer_norm(x):
+    # every LayerNorm in Flux is affine-free with eps 1e-6, so a function is enough (no parameters to name)
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x):
+        x_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x.to(x_dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, q, k, v):
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden_dim):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    # adaLN: (shift, scale, gate) per sub-layer, from the conditioning vector
+    def __init__(self, dim, n):
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(dim, n * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
+
+
+class SelfAttention(nn.Module):  # only the parameters; the joint attention happens in the block
+    def __init__(self, dim, num_heads, qkv_bias):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+
+def split_qkv(qkv, num_heads):
+    # "B L (K H D) -> K B H L D": the feature index is k*hidden + head*head_dim + d
+    B, L, _ = qkv.shape
+    return qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def mlp(dim, hidden):
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim))
+
+
+def modulate(x, shift, scale):
+    return (1 + scale) * layer_norm(x) + shift
+
+# ----- blocks -----
+
+class DoubleStreamBlock(nn.Module):
+    # image and text tokens keep separate weights but attend jointly (text first)
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias):
+        super().__init__()
+        self.num_heads = num_heads
+        hidden = int(dim * mlp_ratio)
+        self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
+        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
+
+    def forward(self, img, txt, vec, pe):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        iq, ik, iv = split_qkv(self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.num_heads)
+        iq, ik = self.img_attn.norm(iq, ik, iv)
+        tq, tk, tv = split_qkv(self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1)), self.num_heads)
+        tq, tk = self.txt_attn.norm(tq, tk, tv)
+        attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
+        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    # one fused linear computes qkv and the MLP input; a second fuses the attention out-proj and MLP out
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.num_heads, self.dim = num_heads, dim
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, dim * 3 + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, 3)
+
+    def forward(self, x, vec, pe):
+        shift, scale, gate = self.modulation(vec)
+        qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        q, k, v = split_qkv(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(h, approximate='tanh')), 2))
+        return x + gate * out
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # BFL order: shift first (diffusers swaps)
+        return self.linear(modulate(x, shift[:, None], scale[:, None]))
+
+# ----- the model -----
+
+class Flux(nn.Module):
+    """
+    Build on the meta device, then to_empty() + init_weights() (or load a checkpoint):
+        with torch.device('meta'): model = Flux(PRESETS['flux-dev'])
+        model.to_empty(device='cuda'); model.init_weights()
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        assert c.hidden_size % c.num_heads == 0, 'hidden_size must be divisible by num_heads'
+        assert sum(c.axes_dim) == c.hidden_size // c.num_heads, f'axes_dim {c.axes_dim} must sum to head_dim'
+        self.img_in = nn.Linear(c.in_channels, c.hidden_size)
+        self.time_in = MLPEmbedder(256, c.hidden_size)
+        self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
+        self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
+        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qkv_bias)
+                                           for _ in range(c.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio)
+                                           for _ in range(c.depth_single_blocks))
+        self.final_layer = LastLayer(c.hidden_size, c.out_channels)
+        self.gradient_checkpointing = False  # per-block activation checkpointing, trades compute for memory
+
+    @torch.no_grad()
+    def init_weights(self):
+        # Xavier-uniform linears with zero biases; zero the adaLN and output projections (DiT's adaLN-Zero), so a
+        # fresh model starts as identity residual blocks that predict zero velocity
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+                if isinstance(m, LoRALinear):
+                    m.reset_lora()
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.scale)
+        for m in self.modules():
+            if isinstance(m, Modulation):
+                nn.init.zeros_(m.lin.weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.normal_(self.time_in.in_layer.weight, std=0.02)  # small embedder init, as in DiT
+        nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f'img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}')
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError('this model is guidance-distilled (guidance_embed=True): pass guidance')
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+        pe = self.pos_embed(txt_ids, img_ids, img.shape[0])
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, vec, pe)
+        x = torch.cat((txt, img), 1)
+        for block in self.single_blocks:
+            x = self._run(block, x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1]:], vec)
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def pos_embed(self, txt_ids, img_ids, batch):
+        # computed in forward (no buffer) so meta-device construction and FSDP sharding stay trivial
+        ids = torch.cat((txt_ids, img_ids), -2)
+        if ids.ndim == 2:
+            ids = ids[None].expand(batch, -1, -1)
+        c = self.config
+        pe = torch.cat([rope(ids[..., i], c.axes_dim[i], c.theta) for i in range(3)], dim=-3)
+        return pe.unsqueeze(1)  # (B, 1, L, head_dim/2, 2, 2)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self, img_tokens, txt_tokens):
+        """Forward FLOPs per sample (multiply-add = 2): every weight matmul once per token + joint attention."""
+        c, L = self.config, img_tokens + txt_tokens
+        H, M = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+        per_token_block = 2 * (3 * H * H + H * H + 2 * H * M)  # double: qkv, proj, mlp (each token in its stream)
+        per_token_single = 2 * (H * (3 * H + M) + (H + M) * H)
+        linear = L * (c.depth * per_token_block + c.depth_single_blocks * per_token_single)
+        attn = (c.depth + c.depth_single_blocks) * 4 * L * L * H
+        io = 2 * img_tokens * H * (c.in_channels + c.out_channels) + 2 * txt_tokens * c.context_in_dim * H
+        mod = 2 * H * (c.depth * 12 * H + c.depth_single_blocks * 3 * H + 2 * H)
+        return linear + attn + io + mod
+
+    def estimate_mfu(self, fwdbwd_samples_per_s, img_tokens, txt_tokens, peak_flops=989e12):
+        """Model FLOPs utilisation: fwd+bwd = 3x forward. peak_flops defaults to H100/H200 dense bf16."""
+        return 3 * self.estimate_flops(img_tokens, txt_tokens) * fwdbwd_samples_per_s / peak_flops
+
+# ----- latent packing and position ids (BFL sampling.py) -----
+
+def pack(x, p=2):
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p); feature order (c, ph, pw), tokens row-major."""
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f'latent size {H}x{W} must be a multiple of the patch size {p}')
+    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpack(x, h, w, p=2):
+    """(B, L, C*p*p) -> (B, C, h, w) with h, w the unpacked latent size."""
+    B, L, D = x.shape
+    return x.view(B, h // p, w // p, D // (p * p), p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, D // (p * p), h, w)
+
+
+def make_img_ids(h, w, p=2, device=None):
+    """(h/p * w/p, 3) ids (0, row, col) over the packed token grid; h, w = unpacked latent size."""
+    ids = torch.zeros(h // p, w // p, 3, device=device)
+    ids[..., 1] = torch.arange(h // p, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // p, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def make_txt_ids(length, device=None):
+    return torch.zeros(length, 3, device=device)
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA, written by hand: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
+# the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
+
+# every nn.Linear in the DiT, by BFL module name
+LORA_ALL = r'.*'
+LORA_ATTN_MLP = r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$'
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, rank=4, alpha=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank, self.alpha, self.scale = rank, float(alpha if alpha is not None else rank), 1.0
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_lora(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if self.scale == 0:
+            return out
+        return out + (self.scale * self.alpha / self.rank) * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
+    """Swap every nn.Linear whose module name fully matches the regex `targets` for a LoRALinear, in place.
+    Base weights are kept (same tensors, same names); works on the meta device too. Returns the wrapped names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and re.fullmatch(targets, name):
+            lora = LoRALinear(module.in_features, module.out_features, module.bias is not None, rank, alpha,
+                              device=module.weight.device, dtype=module.weight.dtype)
+            lora.weight, lora.bias = module.weight, module.bias
+            if lora.lora_A.device.type != 'meta':
+                lora.reset_lora()
+            parent, _, child = name.rpartition('.')
+            setattr(model.get_submodule(parent) if parent else model, child, lora)
+            names.append(name)
+    if not names:
+        raise ValueError(f'LoRA targets {targets!r} matched no nn.Linear in the model')
+    return names
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_lora_scale(model, scale):
+    for m in lora_modules(model).values():
+        m.scale = scale
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold scale*(alpha/rank)*B@A into the base weight and turn the LoRA branch off (scale 0)."""
+    for m in lora_modules(model).values():
+        if m.scale != 0:
+            delta = (m.scale * m.alpha / m.rank) * (m.lora_B.float() @ m.lora_A.float())
+            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            m.scale = 0.0
+
+
+def lora_state_dict(model):
+    """Our native LoRA file: '<bfl module>.lora_A.weight', '.lora_B.weight', '.alpha' (like BFL's own LoRAs)."""
+    sd = {}
+    for name, m in lora_modules(model).items():
+        sd[f'{name}.lora_A.weight'] = m.lora_A.detach()
+        sd[f'{name}.lora_B.weight'] = m.lora_B.detach()
+        sd[f'{name}.alpha'] = torch.tensor(m.alpha)
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict(model, sd, source='LoRA state dict'):
+    """Inverse of lora_state_dict; every key must fit a LoRALinear of the model (applying LoRA first if needed)."""
+    mods = lora_modules(model)
+    if not mods:
+        ranks = {v.shape[0] for k, v in sd.items() if k.endswith('.lora_A.weight')}
+        names = sorted({k.rsplit('.', 2)[0] for k in sd if k.endswith('.lora_A.weight')})
+        if len(ranks) != 1:
+            raise ValueError(f'{source}: expected one LoRA rank, found {sorted(ranks)}')
+        apply_lora(model, ranks.pop(), targets='|'.join(re.escape(n) for n in names))
+        mods = lora_modules(model)
+    seen = set()
+    for key, value in sd.items():
+        name, _, kind = key.rpartition('.lora_') if '.lora_' in key else (key.rpartition('.')[0], '', 'alpha')
+        if name not in mods:
+            raise KeyError(f'{source}: key {key!r} does not fit the model (no LoRA-wrapped linear {name!r})')
+        m = mods[name]
+        if kind == 'alpha':
+            m.alpha = float(value)
+            continue
+        param = m.lora_A if kind.startswith('A') else m.lora_B
+        if param.shape != value.shape:
+            raise ValueError(f'{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}')
+        param.copy_(value)
+        seen.add(name)
+    missing = sorted(set(mods) - seen)
+    if missing:
+        raise KeyError(f'{source}: no LoRA weights for {len(missing)} module(s), e.g. {missing[:3]}')
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Autoencoder

@@ -68,7 +68,7 @@ def rope(pos, dim, theta):
 
 def apply_rope(x, pe):
     # x: (B, H, L, D) viewed as D/2 pairs; rotate each pair by its angle, in fp32
-    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    x_ = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 1, 2)
     out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]
     return out.reshape(*x.shape).type_as(x)
 
@@ -138,7 +138,7 @@ class SelfAttention(nn.Module):  # only the parameters; the joint attention happ
 def split_qkv(qkv, num_heads):
     # "B L (K H D) -> K B H L D": the feature index is k*hidden + head*head_dim + d
     B, L, _ = qkv.shape
-    return qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.view(B, L, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def mlp(dim, hidden):
@@ -440,3 +440,176 @@ def load_lora_state_dict(model, sd, source='LoRA state dict'):
 
 # ----------------------------------------------------------------------------------------------------------
 # Autoencoder
+# The FLUX.1 VAE (BFL `modules/autoencoder.py`), 8x spatial downsampling to 16 latent channels. Module names
+# mirror BFL's so `ae.safetensors` loads with strict=True; diffusers AutoencoderKL weights go through
+# convert_weights.vae_diffusers_to_bfl. BFL's per-level `attn` lists are empty (no weights) and are omitted.
+
+@dataclass
+class AutoEncoderConfig:
+    resolution: int = 256  # stored by BFL, unused in the forward pass
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    norm_groups: int = 32  # 32 in Flux; configurable so tiny models can have few channels
+
+
+AE_PRESETS = {
+    'flux': AutoEncoderConfig(),  # 83,819,683 parameters
+    'tiny': AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8),  # same latent shape, ~1.8M params
+}
+
+
+def _norm(c, groups):
+    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions; q/k/v/proj_out are 1x1 convs as in BFL."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = _norm(c, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B,1,HW,C)
+        h = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> swish -> conv3x3, twice, plus a residual (1x1 nin_shortcut when channels change). No dropout/temb."""
+
+    def __init__(self, c_in, c_out, groups):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad (right/bottom only), as in BFL and diffusers
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+def _mid(c, groups):
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
+    return mid
+
+
+def _run_mid(mid, h):
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = cfg.ch
+        for i, c in enumerate(chs):
+            level = nn.Module()
+            level.block = nn.ModuleList([ResnetBlock(c_in if r == 0 else c, c, g) for r in range(cfg.num_res_blocks)])
+            if i != len(chs) - 1:  # no downsampling after the deepest level
+                level.downsample = Downsample(c)
+            self.down.append(level)
+            c_in = c
+        self.mid = _mid(c_in, g)
+        self.norm_out = _norm(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, 'downsample'):
+                h = level.downsample(h)
+        h = _run_mid(self.mid, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
+        c_in = chs[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.mid = _mid(c_in, g)
+        # up[i] is built and run deepest-first but indexed like the encoder levels (BFL's `up.insert(0, ...)`),
+        # which is why diffusers' up_blocks are in the reverse order.
+        levels = []
+        for i in reversed(range(len(chs))):
+            level = nn.Module()
+            level.block = nn.ModuleList([ResnetBlock(c_in if r == 0 else chs[i], chs[i], g)
+                                         for r in range(cfg.num_res_blocks + 1)])
+            if i != 0:
+                level.upsample = Upsample(chs[i])
+            levels.insert(0, level)
+            c_in = chs[i]
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = _run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, 'upsample'):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, cfg: AutoEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    @torch.no_grad()
+    def init_weights(self):
+        # After meta-device construction + to_empty(): PyTorch's default conv init, GroupNorm to identity.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)):
+                m.reset_parameters()
+
+    def encode(self, x):
+        # The posterior mean (no sampling), so encoding is deterministic; then scaled to roughly unit variance.
+        mean = self.encoder(x).chunk(2, dim=1)[0]
+        return self.cfg.scale_factor * (mean - self.cfg.shift_factor)
+
+    def decode(self, z):
+        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))

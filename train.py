@@ -1,0 +1,491 @@
+"""
+SCFM self-distillation (and plain flow matching) for Flux-architecture DiTs: one loop, top to bottom.
+
+    torchrun --standalone --nproc_per_node=8 train.py config/flux3.py            # 8 GPUs, FLUX.1-dev, LoRA
+    python train.py config/flux3.py --batch_size=4 --grad_accum=4                 # 1 GPU
+    python train.py config/digits_scfm.py                                         # the CPU testbed
+    # several nodes: hybrid sharding (replicate across nodes, shard within a node)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
+        train.py config/flux3.py --dp_replicate=2
+
+One network, several weight sets. The student is the network's trainable weights (a LoRA, or all weights). The
+targets come from the same network with other weights swapped in place on the local shards (no communication, no
+second model): the frozen teacher (LoRA scale 0, or a frozen copy of the initial weights), a fast EMA (0.99) and a
+slow EMA (0.999). Per sample (scfm.md §1.4-1.5):
+    teacher sample: 2 sub-steps on the 32-step grid, V_near = teacher,  V_far = slow EMA
+    self sample:    2 sub-steps on a 2/4/8/16-step grid, V_near = fast EMA, V_far = slow EMA
+    target = (d0 * V_near(x_t, t) + d1 * V_far(x_t - d0 * V_near, t - d0)) / (d0 + d1)
+and the student regresses its velocity at (x_t, t) onto the target with a plain MSE.
+
+Every random number of a step is drawn for the *global* batch from a generator seeded by (seed, step), and each rank
+takes its slice. So a run is identical on any number of processes, and resume needs nothing but the step.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from tqdm import tqdm
+
+import model as M
+import scfm
+
+# our outputs are never modified in place, so FSDP2's warning about returning a view does not apply
+warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view')
+
+# -----------------------------------------------------------------------------------------------------------------
+# config: plain globals, overridden by config/*.py files and --key=value (see configurator.py)
+# I/O
+out_dir = 'out'
+init_from = ''               # converted checkpoint (convert_weights.py output, BFL keys); '' = random init
+resume = False               # continue from the latest checkpoint in out_dir
+export_only = False          # with resume: just export the latest checkpoint's weights and exit
+ckpt_interval = 200          # steps between checkpoints (also one at the end)
+keep_ckpts = 2               # older checkpoints are deleted
+log_interval = 10
+wandb_log = False
+wandb_project = 'scfm'
+wandb_run_name = 'run'
+# data: shards written by data/<name>/prepare.py (format in README)
+data_dir = 'data/digits'
+# model
+model = 'digits'             # preset name in model.PRESETS
+lora_rank = 0                # 0: train all weights; > 0: frozen base + LoRA of this rank
+lora_alpha = None            # None: alpha = rank
+lora_targets = M.LORA_ALL    # regex over BFL module names
+grad_ckpt = False            # per-block activation checkpointing
+compile = False              # torch.compile each block
+# SCFM (defaults = the official code, scfm.md §1.4)
+teacher = 'lora_off'         # 'lora_off': base model (LoRA scale 0) | 'copy': frozen copy of the initial weights | 'none'
+teacher_ratio = 0.4          # share of samples anchored on the teacher
+fm_ratio = 0.0               # share of plain flow-matching samples on data (pretraining); drawn first
+fm_t = 'logit_normal'        # t for flow-matching samples: 'logit_normal' | 'uniform'
+teacher_steps = 32           # teacher windows: 2 sub-steps of this grid
+self_steps = (2, 4, 8, 16)   # self windows: 2 sub-steps of one of these grids
+shift_range = (2.5, 4.5)     # per-sample timestep shift s ~ U[a, b)
+dyn_shift_prob = 0.0         # chance of the resolution-dependent shift instead (official Flux code: 0.1)
+guidance_range = (0.0, 7.5)  # per-sample embedded guidance for guidance-distilled models
+ema_fast = 0.99
+ema_slow = 0.999
+ema_reset_every = 0          # > 0: reset both EMAs to the student every N steps (paper: cyclic restarts)
+near_self = 'fast'           # V_near for self samples: 'fast' (dual EMA) | 'slow' (one EMA: vanilla)
+far_teacher = 'slow'         # V_far for teacher samples: 'slow' (official) | 'teacher' (paper's vanilla Eq. 13)
+# optimizer
+batch_size = 16              # global batch per optimizer step
+grad_accum = 1
+max_iters = 1000
+lr = 2e-5
+lr_schedule = 'constant'     # 'constant' | 'cosine'
+warmup_iters = 0
+min_lr = 0.0
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0              # 0 = off
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'           # bf16 compute with fp32 master weights and fp32 gradient reduction; or 'float32'
+dp_replicate = 1             # > 1: hybrid sharding over a (replicate, shard) mesh
+peak_flops = 989e12          # for MFU; H100/H200 dense bf16
+seed = 1337
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and
+               isinstance(v, (int, float, bool, str, tuple, type(None)))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------------------------------------------
+
+# distributed: plain `python train.py` is a one-process torchrun, so there is a single code path
+if 'RANK' not in os.environ:
+    with socket.socket() as s:  # a free port, so several single-process runs can coexist
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda':
+    device = f'cuda:{local_rank}'
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+dist.init_process_group(backend='cuda:nccl,cpu:gloo' if device_type == 'cuda' else 'gloo')
+master = rank == 0
+print0 = print if master else (lambda *a, **k: None)
+if world % dp_replicate:
+    raise ValueError(f'dp_replicate={dp_replicate} must divide the number of processes {world}')
+mesh = (init_device_mesh(device_type, (dp_replicate, world // dp_replicate), mesh_dim_names=('replicate', 'shard'))
+        if dp_replicate > 1 else init_device_mesh(device_type, (world,)))
+micro = batch_size // (grad_accum * world)  # samples per rank per micro-step
+if micro * grad_accum * world != batch_size:
+    raise ValueError(f'batch_size={batch_size} must be divisible by grad_accum*world = {grad_accum * world}')
+if teacher == 'lora_off' and not lora_rank and teacher_ratio > 0:
+    raise ValueError("teacher='lora_off' needs lora_rank > 0; use teacher='copy' for full fine-tuning")
+if teacher == 'none' and teacher_ratio > 0:
+    raise ValueError("teacher='none' needs teacher_ratio=0")
+os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------------------------------------------
+# data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv); samples are read one by one from memory-mapped files
+
+
+def open_shards(data_dir, cfg):
+    paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
+                   if f.startswith('train') and f.endswith('.safetensors')) if os.path.isdir(data_dir) else []
+    if not paths:
+        raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} (run data/<name>/prepare.py)')
+    shards, shape = [], None
+    for p in paths:
+        f = safe_open(p, 'pt')
+        need = {'x0', 'txt', 'y'} - set(f.keys())
+        if need:
+            raise KeyError(f'{p}: missing tensors {sorted(need)} (a shard holds x0, txt, y)')
+        x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
+        if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
+            raise ValueError(f'{p}: x0 has shape {tuple(x)}; model {model!r} needs (N, {cfg.in_channels // 4}, H, W) '
+                             f'with even H, W (2x2 patches of in_channels={cfg.in_channels})')
+        if t[-1] != cfg.context_in_dim or y[-1] != cfg.vec_in_dim or not x[0] == t[0] == y[0]:
+            raise ValueError(f'{p}: txt {tuple(t)} / y {tuple(y)} do not fit the model (context_in_dim='
+                             f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')
+        if shape is not None and tuple(x[1:]) != shape:
+            raise ValueError(f'{p}: x0 sample shape {tuple(x[1:])} differs from the first shard\'s {shape}')
+        shape = tuple(x[1:])
+        shards.append((f, x[0]))
+    return shards
+
+
+def get_samples(indices):
+    """Global sample indices -> stacked (x0, txt, y) on the device."""
+    out = {'x0': [], 'txt': [], 'y': []}
+    for i in indices.tolist():
+        for f, n in shards:
+            if i < n:
+                break
+            i -= n
+        for k in out:
+            out[k].append(f.get_slice(k)[i:i + 1])
+    return [torch.cat(v).float().to(device) for v in out.values()]
+
+
+def batch_indices(step):
+    """The global batch of a step: walk through seeded per-epoch permutations (resumable from the step alone)."""
+    pos = step * batch_size
+    idx = []
+    while len(idx) < batch_size:
+        epoch, off = divmod(pos, n_data)
+        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch))
+        take = perm[off:off + batch_size - len(idx)]
+        idx.append(take)
+        pos += len(take)
+    return torch.cat(idx)
+
+# -----------------------------------------------------------------------------------------------------------------
+# model: meta-device construction -> fully_shard per block, then the root -> storage -> weights, shard by shard
+
+
+cfg = M.PRESETS[model] if model in M.PRESETS else None
+if cfg is None:
+    raise ValueError(f'unknown model preset {model!r}; choose one of {sorted(M.PRESETS)}')
+with torch.device('meta'):
+    net = M.Flux(cfg)
+    if lora_rank:
+        M.apply_lora(net, lora_rank, lora_alpha, lora_targets)
+for name, p in net.named_parameters():
+    p.requires_grad_(not lora_rank or '.lora_' in name)
+net.gradient_checkpointing = grad_ckpt
+if compile:
+    for block in [*net.double_blocks, *net.single_blocks]:
+        block.compile()
+mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16'
+             else MixedPrecisionPolicy())
+# reshard after every forward, the root too: the target passes swap weights into the *sharded* parameters, so an
+# unsharded copy must never outlive a forward
+for block in [*net.double_blocks, *net.single_blocks]:
+    fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True)
+fully_shard(net, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True)
+net.to_empty(device=device)
+params = dict(net.named_parameters())
+trainable = {n: p for n, p in params.items() if p.requires_grad}
+
+
+def initial_weights():
+    """name -> full fp32 CPU tensor: base weights from init_from (read one tensor at a time, memory-mapped), the rest
+    (a from-scratch model, the LoRA factors) from a seeded CPU init that is identical on every rank."""
+    src = {}
+    if init_from:
+        if not os.path.isfile(init_from):
+            raise FileNotFoundError(f'init_from={init_from!r} does not exist (convert it first: convert_weights.py)')
+        f = safe_open(init_from, 'pt')
+        keys = {k.removeprefix('model.diffusion_model.'): k for k in f.keys()}
+        base = [n for n in params if '.lora_' not in n]
+        missing, unexpected = sorted(set(base) - set(keys)), sorted(set(keys) - set(base))
+        if missing or unexpected:
+            raise KeyError(f'{init_from}: does not fit model {model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        for n in base:
+            shape = tuple(f.get_slice(keys[n]).get_shape())
+            if shape != tuple(params[n].shape):
+                raise ValueError(f'{init_from}: {n} has shape {shape}, model {model!r} expects {tuple(params[n].shape)}')
+            src[n] = (lambda k=keys[n]: f.get_tensor(k).float())
+    if len(src) < len(params):
+        torch.manual_seed(seed)
+        ref = M.Flux(cfg)
+        if lora_rank:
+            M.apply_lora(ref, lora_rank, lora_alpha, lora_targets)
+        ref.init_weights()
+        for n, p in ref.named_parameters():
+            src.setdefault(n, (lambda p=p: p.detach()))
+    return src
+
+
+@torch.no_grad()
+def load_initial_weights():
+    for n, read in initial_weights().items():
+        p = params[n]
+        # each rank slices its own shard out of the (memory-mapped) full tensor: no broadcast, one tensor at a time
+        p.copy_(distribute_tensor(read().to(device, p.dtype), p.device_mesh, p.placements, src_data_rank=None))
+
+
+load_initial_weights()
+num_params = sum(p.numel() for p in params.values())
+print0(f'model {model}: {num_params / 1e6:.2f}M params, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M '
+       f'trainable, {world} process(es) on {device_type}, {dtype}')
+
+
+# weight sets as local shards: no communication to update, swap or reset them
+def local(tensors):
+    return [t.to_local() if hasattr(t, 'to_local') else t for t in tensors]
+
+
+student_w = local(trainable.values())
+ema_f = [p.detach().clone() for p in trainable.values()]  # DTensors, so checkpoints reshard them
+ema_s = [p.detach().clone() for p in trainable.values()]
+teacher_w = [p.detach().clone() for p in trainable.values()] if teacher == 'copy' else None
+stash = [t.clone() for t in student_w]
+
+
+@contextmanager
+def weights(which):
+    """Run the network with another weight set swapped into the trainable parameters; restored even on error."""
+    if which == 'student':
+        yield
+        return
+    if which == 'teacher' and teacher == 'lora_off':
+        M.set_lora_scale(net, 0.0)  # the base model, bit for bit
+        try:
+            yield
+        finally:
+            M.set_lora_scale(net, 1.0)
+        return
+    src = {'fast': ema_f, 'slow': ema_s, 'teacher': teacher_w}[which]
+    torch._foreach_copy_(stash, student_w)
+    torch._foreach_copy_(student_w, local(src))
+    try:
+        yield
+    finally:
+        torch._foreach_copy_(student_w, stash)
+
+
+@torch.no_grad()
+def update_ema():
+    torch._foreach_lerp_(local(ema_f), student_w, 1 - ema_fast)
+    torch._foreach_lerp_(local(ema_s), student_w, 1 - ema_slow)
+
+
+@torch.no_grad()
+def reset_ema():
+    torch._foreach_copy_(local(ema_f), student_w)
+    torch._foreach_copy_(local(ema_s), student_w)
+
+
+optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                              foreach=True)
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+# -----------------------------------------------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint (every rank writes its shards; loads onto any number of processes),
+# written to a temporary folder and renamed, so a crash mid-save leaves the previous checkpoint as `latest`
+
+
+def train_state():
+    names = list(trainable)
+    return {'student': dict(trainable), 'ema_fast': dict(zip(names, ema_f)), 'ema_slow': dict(zip(names, ema_s)),
+            'optim': get_optimizer_state_dict(net, optimizer), 'step': 0,
+            **({'teacher': dict(zip(names, teacher_w))} if teacher_w else {})}
+
+
+def latest_checkpoint():
+    path = os.path.join(out_dir, 'latest')
+    return os.path.join(out_dir, open(path).read().strip()) if os.path.exists(path) else None
+
+
+def save_checkpoint(step):
+    name = f'ckpt_{step:07d}'
+    tmp, final = os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name)
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    state = train_state()
+    state['step'] = step
+    dcp.save(state, checkpoint_id=tmp)
+    dist.barrier()
+    if master:
+        json.dump({'config': config, 'step': step, 'model': dataclasses.asdict(cfg)}, open(os.path.join(tmp, 'meta.json'), 'w'))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
+            f.write(name)
+        os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
+        old = sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_') and not d.endswith('.tmp'))
+        for d in old[:-keep_ckpts] if keep_ckpts > 0 else []:
+            shutil.rmtree(os.path.join(out_dir, d))
+    dist.barrier()
+
+
+def load_checkpoint(path):
+    state = train_state()
+    dcp.load(state, checkpoint_id=path)  # in place into our (sharded) tensors, resharding if the world size changed
+    set_optimizer_state_dict(net, optimizer, state['optim'])
+    return state['step']
+
+
+def export(step):
+    """Full (unsharded) weights for sample.py / eval / convert_weights: the student and its slow EMA."""
+    kind = 'lora' if lora_rank else 'model'
+    meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step)}
+    for suffix, ws in (('', list(trainable.values())), ('_ema', ema_s)):
+        full = {n: w.full_tensor().cpu() for n, w in zip(trainable, ws)}  # collective: every rank calls it
+        if lora_rank:
+            full = {k: v for n, t in full.items() for k, v in (
+                (n.replace('.lora_A', '.lora_A.weight').replace('.lora_B', '.lora_B.weight'), t),)}
+            full.update({f'{n.rsplit(".lora_", 1)[0]}.alpha': torch.tensor(float(lora_alpha or lora_rank))
+                         for n in trainable if n.endswith('.lora_A')})
+        if master:
+            path = os.path.join(out_dir, f'{kind}{suffix}.safetensors')
+            save_file({k: v.contiguous() for k, v in full.items()}, path + '.tmp', metadata=meta)
+            os.replace(path + '.tmp', path)
+            print0(f'exported {path}')
+    dist.barrier()
+
+
+start_step = 0
+if resume:
+    ckpt = latest_checkpoint()
+    if ckpt is None or not os.path.isdir(ckpt):
+        raise FileNotFoundError(f'resume=True but out_dir={out_dir!r} has no checkpoint (no valid "latest" pointer)')
+    start_step = load_checkpoint(ckpt)
+    print0(f'resumed from {ckpt} at step {start_step}')
+else:
+    reset_ema()  # both EMAs start at the student
+if export_only:
+    export(start_step)
+    dist.destroy_process_group()
+    raise SystemExit(0)
+
+shards = open_shards(data_dir, cfg)
+n_data = sum(n for _, n in shards)
+C, H, W = shards[0][0].get_slice('x0').get_shape()[1:]
+img_tokens = (H // 2) * (W // 2)
+Lt = shards[0][0].get_slice('txt').get_shape()[1]
+img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)
+flops_per_sample = net.estimate_flops(img_tokens, Lt)
+print0(f'data: {n_data} samples of {C}x{H}x{W} ({img_tokens} tokens) + {Lt} text tokens from {data_dir}')
+
+# -----------------------------------------------------------------------------------------------------------------
+# the SCFM step
+
+
+def velocity(which, x, t, txt, y, g):
+    with weights(which):
+        return M.unpack(net(M.pack(x), img_ids, txt, txt_ids, t, y, g if cfg.guidance_embed else None).float(), H, W)
+
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+step = start_step
+bar = tqdm(total=max_iters, initial=start_step, desc='train', disable=not master, dynamic_ncols=True)
+t_last = time.time()
+while step < max_iters:
+    for group in optimizer.param_groups:
+        group['lr'] = get_lr(step)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # this step's randomness, for the global batch
+    idx_global = batch_indices(step)
+    eps_global = torch.randn(batch_size, C, H, W, generator=gen)
+    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio, teacher_ratio, teacher_steps, self_steps, shift_range,
+                     dyn_shift_prob, fm_t, guidance_range)
+    sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss sum and count per role (fm, teacher, self); total
+    for k in range(grad_accum):
+        # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world
+        mb = torch.arange(batch_size)[(k * world + rank) * micro:(k * world + rank + 1) * micro]
+        x0, txt, y = get_samples(idx_global[mb])
+        eps, role, t, d0, d1, g = (plan[n][mb].to(device) if n != 'eps' else eps_global[mb].to(device)
+                                   for n in ('eps', 'role', 't', 'd0', 'd1', 'guidance'))
+        chunk = plan['role'].view(grad_accum, world * micro)[k]
+        active = [bool((chunk == r).any()) for r in range(3)]  # same on every rank
+        x_t, target = scfm.target(lambda which, x, tt, i: velocity(which, x, tt, txt[i], y[i], g[i]),
+                                  x0, eps, role, t, d0, d1, near={1: 'teacher', 2: near_self},
+                                  far={1: far_teacher, 2: 'slow'}, active=active)
+        net.set_requires_gradient_sync(k == grad_accum - 1)  # reduce-scatter gradients only once per step
+        pred = velocity('student', x_t, t, txt, y, g)
+        per_sample = ((pred - target) ** 2).mean((1, 2, 3))
+        (per_sample.mean() / grad_accum).backward()
+        with torch.no_grad():
+            for r in range(3):
+                sums[2 * r] += per_sample[role == r].sum().double()
+                sums[2 * r + 1] += (role == r).sum()
+            sums[6] += per_sample.sum().double()
+    dist.all_reduce(sums)
+    loss = (sums[6] / batch_size).item()
+    if not math.isfinite(loss):
+        ckpt = latest_checkpoint()
+        raise FloatingPointError(f'loss is {loss} at step {step}: stopping. Nothing was saved at this step; the last '
+                                 f'good checkpoint is {ckpt or "(none yet)"}. Lower lr or check the data.')
+    grad_norm = (torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip if grad_clip > 0 else float('inf')))
+    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, 'full_tensor') else grad_norm.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema()
+    step += 1
+    if ema_reset_every and step % ema_reset_every == 0:
+        reset_ema()
+    bar.update(1)
+    if step % log_interval == 0 or step == max_iters:
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+        dt = (time.time() - t_last) / log_interval
+        t_last = time.time()
+        part = lambda r: (sums[2 * r] / sums[2 * r + 1]).item() if sums[2 * r + 1] > 0 else float('nan')
+        n_short = (sums[3] + sums[5]).item()
+        # model FLOPs of a step: student fwd+bwd (3F) per sample + two no-grad target passes (2F) per window sample
+        mfu = (3 * batch_size + 2 * n_short) * flops_per_sample / dt / peak_flops
+        log = dict(loss=loss, loss_fm=part(0), loss_teacher=part(1), loss_self=part(2), grad_norm=grad_norm,
+                   lr=get_lr(step - 1), step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
+        bar.set_postfix(loss=f'{loss:.4f}', gn=f'{grad_norm:.3f}')
+        print0(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in log.items()))
+        if wandb_log and master:
+            wandb.log(log, step=step)
+    if step % ckpt_interval == 0 or step == max_iters:
+        save_checkpoint(step)
+bar.close()
+export(step)
+dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Our hand-written Flux autoencoder (BFL parameter names) must equal diffusers' AutoencoderKL in the Flux
+configuration, at a small width, once the weights are mapped with the diffusers<->BFL key mapping."""
+import pytest
+import torch
+
+from convert_weights import vae_bfl_to_diffusers, vae_diffusers_to_bfl
+from model import AE_PRESETS, AutoEncoder, AutoEncoderConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+CFG = AutoEncoderConfig(ch=16, ch_mult=(1, 2, 4, 4), z_channels=16, norm_groups=8)  # Flux shape, 1/8 width
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    n = len(CFG.ch_mult)
+    ref = diffusers.AutoencoderKL(
+        in_channels=CFG.in_channels, out_channels=CFG.out_ch,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=[CFG.ch * m for m in CFG.ch_mult], layers_per_block=CFG.num_res_blocks,
+        act_fn="silu", latent_channels=CFG.z_channels, norm_num_groups=CFG.norm_groups,
+        scaling_factor=CFG.scale_factor, shift_factor=CFG.shift_factor,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    ).float().eval()
+    # diffusers' default init sets every GroupNorm to weight 1 / bias 0, so a misrouted norm would go unnoticed;
+    # randomise all 1-D tensors (norms and biases) so that no two same-shaped tensors are interchangeable
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    ours = AutoEncoder(CFG).float().eval()
+    ours.load_state_dict(vae_diffusers_to_bfl(ref.state_dict()), strict=True)
+    return ours, ref
+
+
+@torch.no_grad()
+def test_encode_matches_diffusers(pair):
+    ours, ref = pair
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    want = (ref.encode(x).latent_dist.mean - CFG.shift_factor) * CFG.scale_factor
+    got = ours.encode(x)
+    assert got.shape == (2, CFG.z_channels, 4, 6)
+    assert rel_err(got, want) <= 1e-5
+
+
+@torch.no_grad()
+def test_decode_matches_diffusers(pair):
+    ours, ref = pair
+    z = torch.randn(2, CFG.z_channels, 4, 6, generator=torch.Generator().manual_seed(2))
+    want = ref.decode(z / CFG.scale_factor + CFG.shift_factor).sample
+    got = ours.decode(z)
+    assert got.shape == (2, 3, 32, 48)
+    assert rel_err(got, want) <= 1e-5
+    assert ours(torch.randn(1, 3, 16, 24)).shape == (1, 3, 16, 24)
+
+
+def test_key_mapping_round_trip(pair):
+    ours, ref = pair
+    bfl = ours.state_dict()
+    back = vae_diffusers_to_bfl(vae_bfl_to_diffusers(bfl))
+    assert back.keys() == bfl.keys()
+    assert all(torch.equal(back[k], bfl[k]) for k in bfl)
+    dif, want = vae_bfl_to_diffusers(bfl), ref.state_dict()
+    assert dif.keys() == want.keys()
+    assert all(torch.equal(dif[k], want[k]) for k in want)  # ours was loaded from ref, so values match too
+
+
+def test_flux_preset_size_on_meta():
+    with torch.device("meta"):
+        ae = AutoEncoder(AE_PRESETS["flux"])
+    assert sum(p.numel() for p in ae.parameters()) == 83_819_683
+    assert len(ae.state_dict()) == 244
+    assert sum(p.numel() for p in ae.encoder.parameters()) == 34_274_208
+
+
+def test_meta_to_empty_init_is_deterministic():
+    def build():
+        with torch.device("meta"):
+            ae = AutoEncoder(AE_PRESETS["tiny"])
+        ae.to_empty(device="cpu")
+        torch.manual_seed(0)
+        ae.init_weights()
+        return ae.state_dict()
+    a, b = build(), build()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert torch.equal(a["encoder.norm_out.weight"], torch.ones_like(a["encoder.norm_out.weight"]))
+    assert a["encoder.conv_in.weight"].std() > 0

@@ -43,10 +43,9 @@ class SafeFile:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 2 <= n <= min(size - 8, 100 << 20):
-                kind = ("a zip/torch.save pickle" if head[:2] == b"PK" else
-                        "a pickle" if head[:1] == b"\x80" else "not safetensors")
-                raise ConvertError(f"{path}: not a safetensors file (first bytes {head[:8]!r} look like {kind}); "
-                                   "refusing to load it (pickles can run code) - re-save it as .safetensors")
+                kind = ("; it looks like a torch.save/pickle checkpoint, which is never unpickled here (pickles can "
+                        "run code): re-save it as .safetensors" if head[:2] == b"PK" or head[:1] == b"\x80" else "")
+                raise ConvertError(f"{path}: not a safetensors file (it starts with {head!r}){kind}")
             try:
                 header = json.loads(f.read(n))
                 assert isinstance(header, dict)
@@ -438,6 +437,8 @@ def transformer_plan(fmt, src, hint, where):
 # ----- autoencoder config -----
 
 def infer_ae_config(shapes, hint=None, where="?"):
+    """AutoEncoderConfig from BFL key -> shape; scale/shift factors and the GroupNorm group count are not in the
+    weights: from `hint` (our metadata or diffusers config.json), else the defaults (Flux's values)."""
     import model
 
     def shape(k):
@@ -448,16 +449,14 @@ def infer_ae_config(shapes, hint=None, where="?"):
     ch = shape("encoder.conv_in.weight")[0]
     levels = 1 + max((int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")), default=-1)
     c = dict(in_channels=shape("encoder.conv_in.weight")[1], ch=ch, out_ch=shape("decoder.conv_out.weight")[0],
-             ch_mult=[shape(f"encoder.down.{l}.block.0.conv1.weight")[0] // ch for l in range(levels)],
+             ch_mult=tuple(shape(f"encoder.down.{l}.block.0.conv1.weight")[0] // ch for l in range(levels)),
              num_res_blocks=1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block.")),
              z_channels=shape("decoder.conv_in.weight")[1])
-    hint = hint or {}
-    for ours, dif in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
-        if hint.get(ours, hint.get(dif)) is not None:
+    for ours, dif in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor"),
+                      ("norm_groups", "norm_num_groups"), ("resolution", "resolution")):
+        if (hint or {}).get(ours, (hint or {}).get(dif)) is not None:
             c[ours] = hint.get(ours, hint.get(dif))
-    names = {f.name for f in fields(model.AutoEncoderConfig)}
-    return model.AutoEncoderConfig(**{k: (type(getattr(model.AutoEncoderConfig(), k))(v) if k in ("ch_mult",) else v)
-                                      for k, v in c.items() if k in names})
+    return model.AutoEncoderConfig(**c)
 
 
 def ae_plan(fmt, src, hint, where):
@@ -549,22 +548,23 @@ def detect_format(path):
 # ----------------------------------------------------------------------------------------------------------
 # Loaders for train.py / sample.py (validated, BFL keys)
 
-def load_flux_state_dict(path, dtype=None):
-    """A BFL/our file or a diffusers folder -> (state dict with BFL keys, FluxConfig)."""
+def load_flux_state_dict(path, dtype=None, device=None):
+    """A BFL/our file or a diffusers folder -> (state dict with BFL keys, FluxConfig). With device='cuda' each
+    tensor moves to the GPU as soon as it is read, so host memory holds one tensor at a time."""
     fmt, src, hint = open_source(path)
     if fmt not in ("bfl", "diffusers"):
         raise ConvertError(f"{path}: detected format {fmt}, expected a transformer checkpoint (bfl or diffusers)")
     plan, cfg = transformer_plan(fmt, src, hint, path)
-    return dict(run_plan(plan, src, dtype)), cfg
+    return {k: t.to(device) for k, t in run_plan(plan, src, dtype)}, cfg
 
 
-def load_ae_state_dict(path, dtype=None):
+def load_ae_state_dict(path, dtype=None, device=None):
     """A BFL ae.safetensors / our file or a diffusers vae folder -> (state dict with BFL keys, AutoEncoderConfig)."""
     fmt, src, hint = open_source(path)
     if fmt not in ("bfl-ae", "diffusers-vae"):
         raise ConvertError(f"{path}: detected format {fmt}, expected an autoencoder (bfl-ae or diffusers-vae)")
     plan, cfg = ae_plan(fmt, src, hint, path)
-    return dict(run_plan(plan, src, dtype)), cfg
+    return {k: t.to(device) for k, t in run_plan(plan, src, dtype)}, cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,8 +586,8 @@ def _diffusers_vae_config(cfg):
     return {"_class_name": "AutoencoderKL", "in_channels": c["in_channels"], "out_channels": c["out_ch"],
             "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "down_block_types": ["DownEncoderBlock2D"] * n,
             "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": c["num_res_blocks"],
-            "latent_channels": c["z_channels"], "norm_num_groups": 32, "act_fn": "silu",
-            "scaling_factor": c.get("scale_factor", 0.3611), "shift_factor": c.get("shift_factor", 0.1159),
+            "latent_channels": c["z_channels"], "norm_num_groups": c["norm_groups"], "act_fn": "silu",
+            "scaling_factor": c["scale_factor"], "shift_factor": c["shift_factor"],
             "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
 
 
@@ -604,7 +604,7 @@ def convert(src_path, out_path, to="ours", dtype=None, progress=False):
         return fmt, cfg
     # to diffusers: compose the BFL plan with the BFL -> diffusers split, still one group at a time
     if is_ae:
-        levels = len(cfg.ch_mult) if hasattr(cfg, "ch_mult") else 4
+        levels = len(cfg.ch_mult)
         post = {k: ([vae_key(k, True, levels)], _vae_fn(k, True)) for (k,), _, _ in plan}
         config = _diffusers_vae_config(cfg)
     else:
@@ -776,7 +776,11 @@ def main(argv=None):
     fmt, src, hint = open_source(a.src)
     print(f"{a.src}: detected {fmt} ({len(src.keys())} tensors)")
     if a.info:
-        if not fmt.startswith("lora"):
+        if fmt.startswith("lora"):
+            sd, _ = load_lora(a.src)
+            ranks = sorted({v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")})
+            print(f"{len(sd) // 3} LoRA'd linears, ranks {ranks}")
+        else:
             print((ae_plan if fmt.endswith("ae") else transformer_plan)(fmt, src, hint, a.src)[1])
         return
     if a.out is None:

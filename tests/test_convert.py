@@ -93,6 +93,33 @@ def test_vae_key_map_full_size():
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd.items()}
 
 
+@torch.no_grad()
+def test_vae_folder_round_trip(tmp_path):
+    """diffusers vae folder -> our file (CLI) -> model.AutoEncoder equals AutoencoderKL; ours -> diffusers folder."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[16, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=16,
+                        norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    for p in vae.parameters():
+        p.normal_(0, 0.1).add_(1.0 if p.ndim == 1 else 0.0)  # norms and biases differ, so mix-ups show
+    vae.save_pretrained(tmp_path / "vae")
+    assert cw.detect_format(str(tmp_path / "vae")) == "diffusers-vae"
+    cw.main([str(tmp_path / "vae"), str(tmp_path / "ae.safetensors"), "--quiet"])
+    assert cw.detect_format(str(tmp_path / "ae.safetensors")) == "bfl-ae"
+    sd, cfg = cw.load_ae_state_dict(str(tmp_path / "ae.safetensors"))
+    assert (cfg.ch, tuple(cfg.ch_mult), cfg.norm_groups, cfg.z_channels) == (16, (1, 2, 4, 4), 8, 16)
+    ae = model.AutoEncoder(cfg).eval()
+    ae.load_state_dict(sd)
+    z = torch.randn(1, 16, 4, 6)
+    want = vae.decode(z / 0.3611 + 0.1159).sample
+    assert rel(ae.decode(z), want) <= 1e-5
+    cw.main([str(tmp_path / "ae.safetensors"), str(tmp_path / "vae2"), "--to", "diffusers", "--quiet"])
+    vae2 = AutoencoderKL.from_pretrained(str(tmp_path / "vae2")).eval()
+    assert torch.equal(vae2.decode(z / 0.3611 + 0.1159).sample, want)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Small random diffusers models: forward equality
 

@@ -55,8 +55,9 @@ class SafeFile:
         self.data_start, self.info = 8 + n, header
         for k, v in header.items():
             b, e = v["data_offsets"]
-            if v["dtype"] not in DTYPES or self.data_start + e > size:
-                raise ConvertError(f"{path}: tensor {k!r} has dtype {v['dtype']} / offsets {b}..{e} beyond the file")
+            if (v["dtype"] not in DTYPES or not 0 <= b <= e or self.data_start + e > size
+                    or (e - b) != torch.Size(v["shape"]).numel() * DTYPES[v["dtype"]].itemsize):
+                raise ConvertError(f"{path}: corrupt safetensors entry {k!r}: {v}")
 
     def keys(self):
         return list(self.info)
@@ -84,9 +85,10 @@ class Source:
         for f in self.files:
             for k in f.keys():
                 name = next((k[len(p):] for p in strip if k.startswith(p)), k)
+                if name in self.where:
+                    raise ConvertError(f"{f.path}: tensor {name!r} is also in {self.where[name][0].path}")
                 self.where[name] = (f, k)
         self.metadata = self.files[0].metadata if self.files else {}
-        self.path = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
 
     def keys(self):
         return list(self.where)
@@ -143,8 +145,7 @@ def write_safetensors(path, plan, src, metadata=None, dtype=None, progress=False
             f.write(struct.pack("<Q", len(h)) + h)
             for name, t in run_plan(plan, src, dtype, progress, reuse=True):
                 assert list(t.shape) == header[name]["shape"], name
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-                del t  # free before reading the next group
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # little-endian host assumed
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -312,6 +313,13 @@ def _swap(t):  # BFL final adaLN is (shift, scale), diffusers (scale, shift); it
     return torch.cat([b, a], 0)
 
 
+def _ident(x):
+    return x
+
+
+_TO_BFL = {"copy": _ident, "fuse": lambda x: [torch.cat(x, 0)], "swap": lambda x: [_swap(x[0])]}
+
+
 def _split(t, n, hidden):
     """Undo a row fusion: qkv = 3 equal parts; linear1 = q, k, v (hidden rows each) + the MLP input."""
     return list(t.chunk(3, 0)) if n == 3 else list(t.split([hidden] * 3 + [t.shape[0] - 3 * hidden], 0))
@@ -319,30 +327,18 @@ def _split(t, n, hidden):
 
 def diffusers_to_bfl_plan(keys, where="?"):
     """Groups diffusers keys by the BFL key they form; every part of a fused tensor must be present."""
-    groups, unknown = {}, []
+    groups = {}  # BFL key -> (op, [diffusers key per part])
     for k in keys:
         if (r := diffusers_to_bfl_key(k)) is None:
-            unknown.append(k)
-            continue
+            raise ConvertError(f"{where} (detected format: diffusers): unexpected key {k!r} (no BFL equivalent)")
         bfl, j, n, op = r
-        groups.setdefault(bfl, [None] * n)[j] = k
-        groups[bfl + "/op"] = op
-    if unknown:
-        raise ConvertError(f"{where} (detected: diffusers transformer): unexpected key {unknown[0]!r}"
-                           f" ({len(unknown)} unexpected in total) - no BFL equivalent")
-    plan = []
-    for bfl, parts in groups.items():
-        if bfl.endswith("/op"):
-            continue
+        groups.setdefault(bfl, (op, [None] * n))[1][j] = k
+    for bfl, (op, parts) in groups.items():
         if None in parts:
-            missing = next(t for t, p in zip(bfl_to_diffusers_key(bfl)[0], parts) if p is None)
-            raise ConvertError(f"{where} (detected: diffusers transformer): missing key {missing!r} "
+            missing = bfl_to_diffusers_key(bfl)[0][parts.index(None)]
+            raise ConvertError(f"{where} (detected format: diffusers): missing key {missing!r} "
                                f"(needed with {[p for p in parts if p]} to build {bfl!r})")
-        op = groups[bfl + "/op"]
-        fn = (lambda x: [torch.cat(x, 0)]) if op == "fuse" else (lambda x: [_swap(x[0])]) if op == "swap" else \
-             (lambda x: x)
-        plan.append(([bfl], fn, parts))
-    return plan
+    return [([bfl], _TO_BFL[op], parts) for bfl, (op, parts) in groups.items()]
 
 
 def bfl_to_diffusers_plan(keys, hidden, where="?"):
@@ -351,13 +347,16 @@ def bfl_to_diffusers_plan(keys, hidden, where="?"):
         if (r := bfl_to_diffusers_key(k)) is None:
             raise ConvertError(f"{where}: key {k!r} has no diffusers equivalent")
         dif, op = r
-        fn = (lambda x, n=len(dif): _split(x[0], n, hidden)) if op == "fuse" else \
-             (lambda x: [_swap(x[0])]) if op == "swap" else (lambda x: x)
+        fn = (lambda x, n=len(dif): _split(x[0], n, hidden)) if op == "fuse" else _TO_BFL[op]  # swap: own inverse
         plan.append((dif, fn, [k]))
     return plan
 
 
 # ----- config inference and validation -----
+
+def _count(keys, pattern):  # number of blocks = 1 + the largest index
+    return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
+
 
 def infer_flux_config(shapes, hint=None, where="?"):
     """FluxConfig from BFL key -> shape. axes_dim and theta are not in the weights: taken from `hint` (file metadata
@@ -370,8 +369,7 @@ def infer_flux_config(shapes, hint=None, where="?"):
         return shapes[k]
 
     hidden, in_ch = shape("img_in.weight")
-    depth = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")), default=-1)
-    single = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")), default=-1)
+    depth, single = (_count(shapes, rf"{n}\.(\d+)\.") for n in ("double_blocks", "single_blocks"))
     norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
     head_dim = shape(norm)[0]  # the per-head QK-norm size is the only place the head count shows
     mlp = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
@@ -400,15 +398,28 @@ def validate(got, expected, fmt, where):
         raise ConvertError(f"{where} (detected format: {fmt}): " + "; ".join(problems[:5]) + more)
 
 
-def flux_expected_shapes(cfg):
-    import model
-    with torch.device("meta"):
-        m = model.Flux(cfg)
+def expected_shapes(cls, cfg, where="?"):
+    """Parameter shapes of model.Flux / model.AutoEncoder built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            m = cls(cfg)
+    except Exception as e:  # e.g. a hidden size that the inferred head count does not divide
+        raise ConvertError(f"{where}: the shapes give an impossible config {cfg}: {e!r}") from None
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-def _ident(x):
-    return x
+def flux_expected_shapes(cfg, where="?"):
+    import model
+    return expected_shapes(model.Flux, cfg, where)
+
+
+def _infer(fn, shapes, hint, where):
+    try:
+        return fn(shapes, hint, where)
+    except ConvertError:
+        raise
+    except Exception as e:  # a key with an unexpected number of dimensions, a zero size, ...
+        raise ConvertError(f"{where}: cannot infer the config from the tensor shapes: {e!r}") from None
 
 
 def _meta_shapes(plan, src, fmt, where):
@@ -427,8 +438,8 @@ def transformer_plan(fmt, src, hint, where):
     """-> (plan producing BFL keys in model order, FluxConfig), validated against Flux(cfg) on the meta device."""
     plan = [([k], _ident, [k]) for k in src.keys()] if fmt == "bfl" else diffusers_to_bfl_plan(src.keys(), where)
     shapes = _meta_shapes(plan, src, fmt, where)
-    cfg = infer_flux_config(shapes, hint, f"{where} (detected format: {fmt})")
-    expected = flux_expected_shapes(cfg)
+    cfg = _infer(infer_flux_config, shapes, hint, f"{where} (detected format: {fmt})")
+    expected = flux_expected_shapes(cfg, f"{where} (detected format: {fmt})")
     validate(shapes, expected, fmt, where)
     order = {k: i for i, k in enumerate(expected)}
     return sorted(plan, key=lambda g: order[g[0][0]]), cfg
@@ -447,10 +458,10 @@ def infer_ae_config(shapes, hint=None, where="?"):
         return shapes[k]
 
     ch = shape("encoder.conv_in.weight")[0]
-    levels = 1 + max((int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")), default=-1)
     c = dict(in_channels=shape("encoder.conv_in.weight")[1], ch=ch, out_ch=shape("decoder.conv_out.weight")[0],
-             ch_mult=tuple(shape(f"encoder.down.{l}.block.0.conv1.weight")[0] // ch for l in range(levels)),
-             num_res_blocks=1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block.")),
+             ch_mult=tuple(shape(f"encoder.down.{l}.block.0.conv1.weight")[0] // ch
+                           for l in range(_count(shapes, r"encoder\.down\.(\d+)\."))),
+             num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
              z_channels=shape("decoder.conv_in.weight")[1])
     for ours, dif in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor"),
                       ("norm_groups", "norm_num_groups"), ("resolution", "resolution")):
@@ -463,9 +474,8 @@ def ae_plan(fmt, src, hint, where):
     import model
     plan = [([k], _ident, [k]) for k in src.keys()] if fmt == "bfl-ae" else vae_plan(src.keys(), False)
     shapes = _meta_shapes(plan, src, fmt, where)
-    cfg = infer_ae_config(shapes, hint, f"{where} (detected format: {fmt})")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model.AutoEncoder(cfg).state_dict().items()}
+    cfg = _infer(infer_ae_config, shapes, hint, f"{where} (detected format: {fmt})")
+    expected = expected_shapes(model.AutoEncoder, cfg, f"{where} (detected format: {fmt})")
     validate(shapes, expected, fmt, where)
     return plan, cfg
 
@@ -473,7 +483,6 @@ def ae_plan(fmt, src, hint, where):
 # ----------------------------------------------------------------------------------------------------------
 # Format detection (never unpickles: anything that is not safetensors is refused by SafeFile)
 
-FORMATS = ("bfl", "diffusers", "bfl-ae", "diffusers-vae", "lora-ours", "lora-diffusers", "lora-kohya")
 _STRIP = ("model.diffusion_model.",)  # ComfyUI/community single files (flux.md §6.1)
 _BFL_TOP = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "double_blocks.", "single_blocks.",
             "final_layer.")
@@ -542,6 +551,7 @@ def open_source(path):
 
 
 def detect_format(path):
+    """One of: bfl, diffusers (transformer), bfl-ae, diffusers-vae, lora-ours, lora-diffusers, lora-kohya."""
     return open_source(path)[0]
 
 
@@ -708,13 +718,17 @@ def lora_from_diffusers(sd, where="LoRA"):
         A, B = [], []
         for j in sorted(got):
             a, b = got[j].get("A.weight"), got[j].get("B.weight")
-            if a is None or b is None:
-                raise ConvertError(f"{where}: {m!r} part {j} needs both lora_A and lora_B")
+            if a is None or b is None or a.shape[0] != b.shape[1] or (A and a.shape[1] != A[0].shape[1]):
+                raise ConvertError(f"{where}: part {j} of {m!r} needs lora_A (r, in) and lora_B (out, r) with one "
+                                   f"`in` for all parts; found {({k: tuple(v.shape) for k, v in got[j].items()})}")
             alpha = float(got[j].get("alpha", a.shape[0]))
             A.append(a)
             B.append(b if alpha == a.shape[0] else (b.float() * (alpha / a.shape[0])).to(b.dtype))
+        # rows of each part; a part without a LoRA: q/k/v have `hidden` rows, proj_mlp 4*hidden (diffusers' mlp_ratio)
         hidden = A[0].shape[1]
-        rows = [hidden] * 3 + [4 * hidden] if n == 4 else [B[0].shape[0]] * n  # diffusers Flux: mlp_ratio is 4
+        rows = [hidden] * 3 + [4 * hidden] if n == 4 else [B[0].shape[0]] * n
+        for j, b in zip(sorted(got), B):
+            rows[j] = b.shape[0]
         same = all(torch.equal(a, A[0]) for a in A)
         rank = A[0].shape[0] if same else sum(a.shape[0] for a in A)
         Bf = torch.zeros(sum(rows), rank, dtype=B[0].dtype)

@@ -470,3 +470,21 @@ def test_safetensors_interop(tmp_path):
     save_file(sd, str(tmp_path / "ref.safetensors"))
     got, _ = cw.read_all(str(tmp_path / "ref.safetensors"))
     assert all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+
+
+def test_cli_help_dtype_and_config_metadata(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cw.main(["--help"])
+    assert "--lora" in capsys.readouterr().out
+    # axes_dim is not in the weights: a non-preset split must survive through our metadata
+    cfg = model.FluxConfig(in_channels=8, out_channels=4, vec_in_dim=12, context_in_dim=20, hidden_size=32,
+                           num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(2, 6, 8), guidance_embed=False)
+    m = model.Flux(cfg)
+    m.init_weights()
+    cw.write_dict(str(tmp_path / "a.safetensors"), m.state_dict(), {"config": __import__("json").dumps(
+        __import__("dataclasses").asdict(cfg))})
+    cw.main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--dtype", "bf16", "--quiet"])
+    sd, cfg2 = cw.load_flux_state_dict(str(tmp_path / "b.safetensors"))
+    assert cfg2 == cfg and all(v.dtype == torch.bfloat16 for v in sd.values())
+    cw.main(["--info", str(tmp_path / "b.safetensors")])
+    assert "axes_dim=(2, 6, 8)" in capsys.readouterr().out

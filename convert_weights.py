@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
@@ -262,7 +262,8 @@ _RULES = [
     ("double_blocks.{i}.img_mod.lin.{s}", ["transformer_blocks.{i}.norm1.linear.{s}"]),
     ("double_blocks.{i}.txt_mod.lin.{s}", ["transformer_blocks.{i}.norm1_context.linear.{s}"]),
     ("double_blocks.{i}.img_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.to_{x}.{{s}}" for x in "qkv"], "fuse"),
-    ("double_blocks.{i}.txt_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{s}}" for x in "qkv"], "fuse"),
+    ("double_blocks.{i}.txt_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{s}}" for x in "qkv"],
+     "fuse"),
     ("double_blocks.{i}.img_attn.norm.query_norm.scale", ["transformer_blocks.{i}.attn.norm_q.weight"]),
     ("double_blocks.{i}.img_attn.norm.key_norm.scale", ["transformer_blocks.{i}.attn.norm_k.weight"]),
     ("double_blocks.{i}.txt_attn.norm.query_norm.scale", ["transformer_blocks.{i}.attn.norm_added_q.weight"]),
@@ -372,7 +373,8 @@ def infer_flux_config(shapes, hint=None, where="?"):
     depth, single = (_count(shapes, rf"{n}\.(\d+)\.") for n in ("double_blocks", "single_blocks"))
     norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
     head_dim = shape(norm)[0]  # the per-head QK-norm size is the only place the head count shows
-    mlp = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+    mlp = (shape("double_blocks.0.img_mlp.0.weight")[0] if depth
+           else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden)
     cfg = dict(in_channels=in_ch, out_channels=shape("final_layer.linear.weight")[0],
                vec_in_dim=shape("vector_in.in_layer.weight")[1], context_in_dim=shape("txt_in.weight")[1],
                hidden_size=hidden, mlp_ratio=mlp / hidden, num_heads=hidden // head_dim, depth=depth,

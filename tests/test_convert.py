@@ -1,14 +1,17 @@
 """convert_weights.py: key maps (flux.md §6), numerics against diffusers, LoRA formats, streaming memory, bad input.
 All CPU, offline; the 12B checks use meta tensors only."""
+import dataclasses
+import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
-import torch.nn as nn
 
 import convert_weights as cw
 import model
@@ -34,7 +37,8 @@ def bfl_keys_from_table(depth, single, guidance):
     for i in range(depth):
         for s in ("img", "txt"):
             p = f"double_blocks.{i}.{s}"
-            keys += wb(f"{p}_mod.lin") + wb(f"{p}_attn.qkv") + wb(f"{p}_attn.proj") + wb(f"{p}_mlp.0") + wb(f"{p}_mlp.2")
+            for m in ("_mod.lin", "_attn.qkv", "_attn.proj", "_mlp.0", "_mlp.2"):
+                keys += wb(p + m)
             keys += [f"{p}_attn.norm.query_norm.scale", f"{p}_attn.norm.key_norm.scale"]
     for j in range(single):
         p = f"single_blocks.{j}"
@@ -54,11 +58,13 @@ def test_full_size_presets(name, params, ntensors):
     keys = bfl_keys_from_table(19, 38, cfg.guidance_embed)
     assert len(keys) == len(set(keys)) == len(sd) == ntensors
     assert set(sd) == set(keys)
-    table = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "double_blocks.0.img_mod.lin.weight": (18432, 3072),
-             "double_blocks.18.txt_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_attn.norm.query_norm.scale": (128,),
+    table = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+             "double_blocks.0.img_mod.lin.weight": (18432, 3072), "double_blocks.18.txt_attn.qkv.weight": (9216, 3072),
+             "double_blocks.0.img_attn.norm.query_norm.scale": (128,),
              "double_blocks.0.img_mlp.2.weight": (3072, 12288), "single_blocks.37.linear1.weight": (21504, 3072),
              "single_blocks.0.linear1.bias": (21504,), "single_blocks.0.linear2.weight": (3072, 15360),
-             "single_blocks.0.modulation.lin.weight": (9216, 3072), "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+             "single_blocks.0.modulation.lin.weight": (9216, 3072),
+             "final_layer.adaLN_modulation.1.weight": (6144, 3072),
              "final_layer.linear.weight": (64, 3072), "vector_in.in_layer.weight": (3072, 768)}
     for k, s in table.items():
         assert tuple(sd[k].shape) == s, k
@@ -126,8 +132,8 @@ def test_vae_folder_round_trip(tmp_path):
 def small_diffusers(guidance, seed=0):
     torch.manual_seed(seed)
     d = FluxTransformer2DModel(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=32, pooled_projection_dim=24, in_channels=16, axes_dims_rope=(4, 6, 6),
-                               guidance_embeds=guidance)
+                               joint_attention_dim=32, pooled_projection_dim=24, in_channels=16,
+                               axes_dims_rope=(4, 6, 6), guidance_embeds=guidance)
     with torch.no_grad():
         for p in d.parameters():  # diffusers zero-inits some layers: make every weight matter
             p.normal_(0, 0.1)
@@ -340,14 +346,15 @@ def test_streaming_peak_rss(tmp_path):
                            num_heads=16, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56), guidance_embed=True)
     shapes = cw.flux_expected_shapes(cfg)
     # tmpfs when there is one: it is much faster than the disk here, and its pages are not in any process's RSS
-    d = tmp_path if not os.access("/dev/shm", os.W_OK) else __import__("tempfile").mkdtemp(dir="/dev/shm")
+    d = tempfile.mkdtemp(prefix="test_convert_", dir="/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
     src, ours, dif = (os.path.join(d, n) for n in ("big.safetensors", "ours.safetensors", "dif"))
     try:
         cw.write_safetensors(src, [([k], lambda x: x, [k]) for k in shapes], RandomSource(shapes))
         size_mb = os.path.getsize(src) / 2**20
         assert size_mb >= 1024
         procs = [subprocess.Popen([sys.executable, "-c", RSS_CHILD, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for args in ([src, ours], [src, dif, "--to", "diffusers"])]
+                                  stderr=subprocess.PIPE, text=True)
+                 for args in ([src, ours], [src, dif, "--to", "diffusers"])]
         peaks = []
         for p in procs:
             out, err = p.communicate(timeout=300)
@@ -364,7 +371,6 @@ def test_streaming_peak_rss(tmp_path):
         h = cw.SafeFile(os.path.join(dif, "diffusion_pytorch_model.safetensors"))
         assert torch.equal(h.get("single_transformer_blocks.1.proj_mlp.weight"), g.get(k)[3 * 2048:])
     finally:
-        import shutil
         for p in (src, ours):
             if os.path.exists(p):
                 os.remove(p)
@@ -481,8 +487,7 @@ def test_cli_help_dtype_and_config_metadata(tmp_path, capsys):
                            num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(2, 6, 8), guidance_embed=False)
     m = model.Flux(cfg)
     m.init_weights()
-    cw.write_dict(str(tmp_path / "a.safetensors"), m.state_dict(), {"config": __import__("json").dumps(
-        __import__("dataclasses").asdict(cfg))})
+    cw.write_dict(str(tmp_path / "a.safetensors"), m.state_dict(), {"config": json.dumps(dataclasses.asdict(cfg))})
     cw.main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--dtype", "bf16", "--quiet"])
     sd, cfg2 = cw.load_flux_state_dict(str(tmp_path / "b.safetensors"))
     assert cfg2 == cfg and all(v.dtype == torch.bfloat16 for v in sd.values())

@@ -6,6 +6,8 @@ Benchmarks, as ratios against a reference run in the same process (never as time
 
 Needs the dev requirements (diffusers; peft for `step`). Results go to stdout as a markdown table.
 """
+import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -47,7 +49,8 @@ def diffusers_twin(net, tmp):
     """The same weights in diffusers' FluxTransformer2DModel, through convert_weights (BFL file -> diffusers folder)."""
     import convert_weights
     from diffusers import FluxTransformer2DModel
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors')
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
+              metadata={'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(CFG))})
     convert_weights.convert(f'{tmp}/ours.safetensors', f'{tmp}/diffusers', to='diffusers')
     return FluxTransformer2DModel.from_pretrained(f'{tmp}/diffusers')
 
@@ -87,6 +90,110 @@ def bench_model():
         print(f'| {name} | {what} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} | {err:.1e} |')
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# one SCFM optimizer step: train.py itself (1 process) vs the official code's construction (scfm.md §1.5): diffusers
+# FluxTransformer2DModel + a peft LoRA, the student forward, then the target passes with LoRA weights swapped in
+# place (zeros for the teacher, fast EMA, slow EMA), backward, AdamW, EMA updates
+
+STEP_B, STEP_RANK, STEP_ITERS = 4, 16, 6
+
+
+def peak_rss_mb():
+    return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))) / 1024
+
+
+def reset_peak_rss():
+    with open('/proc/self/clear_refs', 'w') as f:  # resets VmHWM to the current RSS (Linux)
+        f.write('5')
+
+
+def bench_ours_step(tmp, init):
+    import io, re, runpy, contextlib
+    g = torch.Generator().manual_seed(0)
+    save_file({'x0': torch.randn(16, 16, HW, HW, generator=g), 'txt': torch.randn(16, LT, CFG.context_in_dim, generator=g),
+               'y': torch.randn(16, CFG.vec_in_dim, generator=g)}, f'{tmp}/train_000.safetensors')
+    sys.argv = ['train.py', '--model=small', f'--init_from={init}', f'--data_dir={tmp}', f'--out_dir={tmp}/out',
+                f'--lora_rank={STEP_RANK}', f'--batch_size={STEP_B}', f'--max_iters={STEP_ITERS}', '--log_interval=1',
+                '--ckpt_interval=1000', '--dtype=float32', '--device=cpu', '--lr=1e-4']
+    out = io.StringIO()
+    reset_peak_rss()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path('train.py', run_name='__main__')
+    times = [float(x) for x in re.findall(r'step_time ([0-9.e-]+)', out.getvalue())]
+    return sorted(times[2:])[len(times[2:]) // 2], peak_rss_mb()  # median after 2 warm-up steps
+
+
+def bench_reference_step(net):
+    import scfm
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = diffusers_twin(net, tmp)
+    del net
+    reset_peak_rss()
+    linears = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)]
+    ref.requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=STEP_RANK, lora_alpha=STEP_RANK, target_modules=linears, init_lora_weights=True))
+    lora = [p for n, p in ref.named_parameters() if 'lora_' in n]
+    fast, slow = [p.detach().clone() for p in lora], [p.detach().clone() for p in lora]
+    opt = torch.optim.AdamW(lora, lr=1e-4)
+    iid, tid = M.make_img_ids(HW, HW), M.make_txt_ids(LT)
+    g = torch.Generator().manual_seed(0)
+    x0, txt, y = torch.randn(STEP_B, 16, HW, HW), torch.randn(STEP_B, LT, CFG.context_in_dim), torch.randn(STEP_B, CFG.vec_in_dim)
+
+    def v(x, t, i, gd):
+        return M.unpack(ref(hidden_states=M.pack(x), encoder_hidden_states=txt[i], pooled_projections=y[i], timestep=t,
+                            img_ids=iid, txt_ids=tid, guidance=gd[i], return_dict=False)[0], HW, HW)
+
+    def swap(src):
+        for p, s in zip(lora, src):
+            p.data.copy_(s)
+
+    def step():
+        p = scfm.plan(g, STEP_B, (HW // 2) ** 2)
+        eps, t, d0, d1, gd, role = torch.randn(x0.shape, generator=g), p['t'], p['d0'], p['d1'], p['guidance'], p['role']
+        te = lambda a: a[:, None, None, None]
+        x_t = (1 - te(t)) * x0 + te(t) * eps
+        pred = v(x_t, t, slice(None), gd)
+        with torch.no_grad():
+            student = [q.detach().clone() for q in lora]
+            v1 = torch.zeros_like(x0)
+            for r, src in ((1, [torch.zeros_like(q) for q in lora]), (2, fast)):  # teacher = LoRA zeroed; self = fast
+                i = (role == r).nonzero()[:, 0]
+                if len(i):
+                    swap(src)
+                    v1[i] = v(x_t[i], t[i], i, gd)
+            swap(slow)
+            v2 = v(x_t - te(d0) * v1, t - d0, slice(None), gd)
+            swap(student)
+            target = (te(d0) * v1 + te(d1) * v2) / te(d0 + d1)
+        ((pred - target) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(lora, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(fast, [q.detach() for q in lora], 0.01)
+            torch._foreach_lerp_(slow, [q.detach() for q in lora], 0.001)
+
+    return timeit(step, warmup=2, iters=STEP_ITERS - 2), peak_rss_mb()
+
+
+def bench_step():
+    net = random_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/init.safetensors',
+                  metadata={'config': json.dumps(dataclasses.asdict(CFG))})
+        ours, ours_mem = bench_ours_step(tmp, f'{tmp}/init.safetensors')
+    ref, ref_mem = bench_reference_step(net)
+    print(f'SCFM step, Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, batch {STEP_B}, '
+          f'{(HW // 2) ** 2}+{LT} tokens, LoRA rank {STEP_RANK} on all linears, float32, {torch.get_num_threads()} '
+          f'CPU threads (median step time)\n')
+    print('| | ours (train.py, FSDP2, 1 process) | reference (diffusers + peft, swapped) | ratio |')
+    print('|---|---|---|---|')
+    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} |')
+    print(f'| peak RSS during the run (MB) | {ours_mem:.0f} | {ref_mem:.0f} | {ours_mem / ref_mem:.2f} |')
+
+
 if __name__ == '__main__':
     what = sys.argv[1] if len(sys.argv) > 1 else 'model'
-    {'model': bench_model}[what]()
+    {'model': bench_model, 'step': bench_step}[what]()

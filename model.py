@@ -413,12 +413,13 @@ def lora_state_dict(model):
 def load_lora_state_dict(model, sd, source='LoRA state dict'):
     """Inverse of lora_state_dict; every key must fit a LoRALinear of the model (applying LoRA first if needed)."""
     mods = lora_modules(model)
-    if not mods:
-        ranks = {v.shape[0] for k, v in sd.items() if k.endswith('.lora_A.weight')}
-        names = sorted({k.rsplit('.', 2)[0] for k in sd if k.endswith('.lora_A.weight')})
-        if len(ranks) != 1:
-            raise ValueError(f'{source}: expected one LoRA rank, found {sorted(ranks)}')
-        apply_lora(model, ranks.pop(), targets='|'.join(re.escape(n) for n in names))
+    if not mods:  # wrap the named linears, one apply_lora per rank (imported LoRAs may mix ranks)
+        by_rank = {}
+        for k, v in sd.items():
+            if k.endswith('.lora_A.weight'):
+                by_rank.setdefault(v.shape[0], []).append(re.escape(k.rsplit('.', 2)[0]))
+        for rank, names in by_rank.items():
+            apply_lora(model, rank, targets='|'.join(names))
         mods = lora_modules(model)
     seen = set()
     for key, value in sd.items():

@@ -354,8 +354,9 @@ def save_checkpoint(step):
         with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
             f.write(name)
         os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
-        old = sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_') and not d.endswith('.tmp'))
-        for d in old[:-keep_ckpts] if keep_ckpts > 0 else []:
+        # prune older checkpoints, never the one just written (a stale newer one may exist after a crash)
+        old = sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_') and not d.endswith('.tmp') and d != name)
+        for d in old[:max(0, len(old) - (keep_ckpts - 1))] if keep_ckpts > 0 else []:
             shutil.rmtree(os.path.join(out_dir, d))
     dist.barrier()
 
@@ -396,6 +397,8 @@ if resume:
 else:
     reset_ema()  # both EMAs start at the student
 if export_only:
+    if not resume:
+        raise ValueError('export_only=True exports the latest checkpoint: set resume=True too')
     export(start_step)
     dist.destroy_process_group()
     raise SystemExit(0)

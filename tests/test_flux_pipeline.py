@@ -352,8 +352,8 @@ def test_eval_clip_torchrun(tiny, trained):
     """2 ranks (prompt i on rank i % 2, gathered with all_gather_object), CLIP score + FID against the teacher."""
     import eval_clip
     out = os.path.join(tiny['dir'], 'eval')
-    cmd = ['--ckpt', tiny['flux'], '--lora', trained['lora'], '--prompts', tiny['prompts'], '--limit', '4',
-           '--steps', '2', '--size', '32x32', '--clip_model',
+    cmd = ['--ckpt', tiny['flux'], '--lora', trained['lora'], '--prompts', tiny['prompts'], '--limit', '3',
+           '--steps', '2', '--size', '32x32', '--fid_teacher', '--teacher_steps', '3', '--clip_model',
            tiny['clip_model'], '--t5', tiny['t5'], '--clip', tiny['clip'], '--ae', tiny['ae'], '--max_length', str(LT),
            '--out', out, '--dtype', 'float32', '--device', 'cpu', '--name', 'tiny', '--batch', '1']
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -361,16 +361,16 @@ def test_eval_clip_torchrun(tiny, trained):
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(os.path.join(out, 'results.json')))
-    assert res['n'] == 4 and res['world'] == 2 and sorted(map(int, res['per_image'])) == [0, 1, 2, 3]
-    assert 0 <= res['clip_score'] <= 100
+    assert res['n'] == 3 and res['world'] == 2 and sorted(map(int, res['per_image'])) == [0, 1, 2]
+    assert 0 <= res['clip_score'] <= 100 and res['fid_teacher'] > 0
     assert open(os.path.join(out, 'results.md')).read().count('| tiny |') == 1
-    # prompt 3 (rank 1) recomputed here, in one process: the same score
+    # prompt 1 (rank 1) recomputed here, in one process: the same score
     model = S.load_transformer(tiny['flux'], lora=trained['lora'])
-    txt, y = S.encode_prompts([PROMPTS[3]], tiny['enc'], LT)
-    img = S.generate(model, S.load_ae(tiny['ae']), txt, y, S.make_noise([3], 4, 4, 4), 2, 3.0)
-    score = eval_clip.clip_scores((img * 255).round().to(torch.uint8), [PROMPTS[3]],
+    txt, y = S.encode_prompts([PROMPTS[1]], tiny['enc'], LT)
+    img = S.generate(model, S.load_ae(tiny['ae']), txt, y, S.make_noise([1], 4, 4, 4), 2, 3.0)
+    score = eval_clip.clip_scores((img * 255).round().to(torch.uint8), [PROMPTS[1]],
                                   eval_clip.load_clip_scorer(tiny['clip_model']))
-    assert abs(score.item() - res['per_image']['3']) < 1e-3
+    assert abs(score.item() - res['per_image']['1']) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shards as S  # noqa: E402  (also puts the repo root on sys.path)
-from sample import generate, get_schedule, load_ae, load_transformer, make_noise, parse_size, read_prompts, to_pil  # noqa: E402,E501
+from sample import (generate, get_schedule, load_ae, load_transformer, make_noise, parse_size,  # noqa: E402
+                    read_prompts, to_pil)
 
 
 def main(argv=None):

@@ -137,6 +137,8 @@ def main(argv=None):
         raise ValueError('--fid_teacher compares the LoRA student with its base model: pass --lora')
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     dev = f'cuda:{local}' if a.device == 'cuda' else a.device
+    if dev.startswith('cuda'):
+        torch.cuda.set_device(dev)  # NCCL's all_gather_object uses the current device
     if world > 1:  # only to gather the per-rank results at the end
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     mine = list(range(rank, len(prompts), world))

@@ -173,6 +173,17 @@ def test_encode_prompts_matches_diffusers(tiny):
     assert torch.equal(txt, p_txt.float()) and torch.equal(y, p_y.float())
 
 
+def test_text_encoders_diffusers_snapshot_layout(tiny, tmp_path):
+    # a FLUX.1 diffusers snapshot: text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/ side by side
+    enc = tiny['enc']
+    for folder, obj in [('text_encoder', enc['clip']), ('tokenizer', enc['clip_tok']),
+                        ('text_encoder_2', enc['t5']), ('tokenizer_2', enc['t5_tok'])]:
+        obj.save_pretrained(tmp_path / folder)
+    snap = S.load_text_encoders(str(tmp_path / 'text_encoder_2'), str(tmp_path / 'text_encoder'))
+    a, b = S.encode_prompts(PROMPTS[:2], snap, LT), S.encode_prompts(PROMPTS[:2], enc, LT)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # our sampler == diffusers' FluxPipeline, with and without a LoRA
 
@@ -219,6 +230,15 @@ def test_generate_matches_flux_pipeline(tiny, pipe, steps, shift, size, cfg):
         assert rel(ours, S.generate(model, ae, txt, y, noise, steps, shift, guidance=3.5)) > 1e-3  # CFG acts
 
 
+def test_generate_bf16_close_to_fp32(tiny):
+    txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
+    noise = S.make_noise([0, 1], 4, 4, 4)
+    out = {dt: S.generate(S.load_transformer(tiny['flux'], dtype=dt), S.load_ae(tiny['ae'], dtype=dt), txt, y,
+                          noise, 3, 3.0, return_latents=True)[1] for dt in (torch.float32, torch.bfloat16)}
+    assert out[torch.bfloat16].dtype == torch.float32  # the latent is integrated in fp32 whatever the model dtype
+    assert rel(out[torch.bfloat16], out[torch.float32]) < 0.05
+
+
 def random_lora(tiny, path, rank=4):
     net = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
     M.apply_lora(net, rank, alpha=2.0 * rank, targets=M.LORA_ATTN_MLP)
@@ -234,15 +254,20 @@ def test_lora_matches_flux_pipeline(tiny, pipe):
     ours_path, dif_path = os.path.join(d, 'lora_rand.safetensors'), os.path.join(d, 'lora_rand_dif.safetensors')
     random_lora(tiny, ours_path)
     cw.convert_lora(ours_path, dif_path, to='diffusers')
+    kohya_path = os.path.join(d, 'lora_rand_kohya.safetensors')
+    cw.convert_lora(ours_path, kohya_path, to='kohya')
     txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
     noise = S.make_noise([7, 8], 4, 4, 4)
     ts = S.get_schedule(3, 3.0)
     ae = S.load_ae(tiny['ae'])
     _, z_base = S.generate(S.load_transformer(tiny['flux']), ae, txt, y, noise, 3, 3.0, return_latents=True)
-    for path in (ours_path, dif_path):  # our file and its diffusers conversion, loaded by our loader
+    zs = []
+    for path in (ours_path, dif_path, kohya_path):  # our file and its diffusers/kohya conversions, by our loader
         lora, z = S.generate(S.load_transformer(tiny['flux'], lora=path), ae, txt, y, noise, 3, 3.0,
                              return_latents=True)
         assert rel(z, z_base) > 0.03  # the LoRA matters
+        zs.append(z)
+    assert rel(zs[1], zs[0]) < 1e-5 and rel(zs[2], zs[0]) < 1e-6
     merged = S.generate(S.load_transformer(os.path.join(d, 'flux.safetensors'), lora=ours_path, merge=True),
                         ae, txt, y, noise, 3, 3.0)
     assert rel(merged, lora) < 1e-5
@@ -306,6 +331,15 @@ def test_prepare_teacher_resume(tiny, teacher_data):
     model = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
     z = S.generate(model, None, txt, y, S.make_noise([3], 4, 4, 4), 4, None, 3.5)
     assert rel(s['x0'][k:k + 1], z) < 1e-3  # bf16-stored txt is the only difference
+    # --latent reencode: x0 = AE encoding of the saved 8-bit image
+    out2 = os.path.join(tiny['dir'], 'teacher_reencode')
+    two = os.path.join(tiny['dir'], 'two_prompts.txt')
+    open(two, 'w').write('\n'.join(PROMPTS[:2]))
+    args = teacher_args(tiny, out2, '--latent', 'reencode', '--png')
+    prepare_teacher.main(args[:1] + [two] + args[2:])
+    x0 = read_shards(out2)['train_00000.safetensors']['x0']
+    png = torch.from_numpy(np.array(Image.open(os.path.join(out2, 'png', '00000001.png')))).permute(2, 0, 1)
+    assert torch.allclose(x0[1:2], tiny['ae_model'].encode(png[None].float() / 127.5 - 1), atol=1e-5)
     # a different chunk size for the same folder is refused
     with pytest.raises(ValueError, match='chunk'):
         prepare_teacher.main(teacher_args(tiny, teacher_data) + ['--chunk', '3'])

@@ -2,7 +2,7 @@
 # The CPU testbed, end to end: digits -> teacher (flow matching) -> SCFM student -> quality table + image grid.
 set -euo pipefail
 cd "$(dirname "$0")"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads must not spin
 t0=$SECONDS
 python data/digits/prepare.py
 python train.py config/digits_teacher.py "$@"

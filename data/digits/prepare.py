@@ -147,7 +147,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument('--size', type=int, default=8, help='image side; 8 = native, larger = bilinear upsample')
-    p.add_argument('--txt_len', type=int, default=16, help='Lt: text tokens kept per caption (sequence cost matters on CPU)')
+    p.add_argument('--txt_len', type=int, default=12, help='Lt: text tokens kept per caption (sequence cost matters on CPU)')
     p.add_argument('--text_encoder', default='auto', choices=['auto', 'minilm', 'random'])
     p.add_argument('--shard_size', type=int, default=100_000, help='images per shard')
     p.add_argument('--limit', type=int, default=None, help='use only the first N images (tests)')

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 import model as M
-from sample import (DTYPES, encode_prompts, generate, load_ae, load_text_encoders, load_transformer, make_noise,
-                    parse_size, read_prompts, to_pil)
+from sample import (DTYPES, cli_error, encode_prompts, generate, load_ae, load_text_encoders, load_transformer,
+                    make_noise, parse_shift, parse_size, read_prompts, to_pil)
 
 
 def load_clip_scorer(path, device='cpu'):
@@ -132,7 +132,7 @@ def main(argv=None):
 
     H, W = parse_size(a.size)
     prompts = read_prompts(a.prompts)[:a.limit or None]
-    shift = None if a.shift == 'dynamic' else float(a.shift)
+    shift = parse_shift(a.shift)
     if a.fid_teacher and not a.lora:
         raise ValueError('--fid_teacher compares the LoRA student with its base model: pass --lora')
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
@@ -223,4 +223,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(cli_error(e))

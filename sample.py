@@ -122,10 +122,11 @@ def load_transformer(path, device='cpu', dtype=torch.float32, lora=None, lora_sc
     if lora:
         lsd, _ = cw.load_lora(lora)
         linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        for k in lsd:  # name the first key that has no linear in this model (a LoRA for another model)
-            if k.rsplit('.lora_', 1)[0].removesuffix('.alpha') not in linears:
-                raise KeyError(f'{lora}: LoRA key {k!r} does not fit the model (no linear layer '
-                               f'{k.rsplit(".lora_", 1)[0].removesuffix(".alpha")!r}); is it a LoRA for another model?')
+        for k in lsd:  # name the first key (BFL name, after conversion) with no linear in this model
+            module = k.rsplit('.lora_', 1)[0].removesuffix('.alpha')
+            if module not in linears:
+                raise KeyError(f'{lora}: LoRA key {k!r} does not fit the model (it has no linear layer {module!r}); '
+                               f'is it a LoRA for another model?')
         # shapes are checked here (ValueError naming the key)
         M.load_lora_state_dict(model, {k: v.to(device, dtype) for k, v in lsd.items()}, source=lora)
         M.set_lora_scale(model, lora_scale)
@@ -228,6 +229,20 @@ def read_prompts(path):
     return prompts
 
 
+def parse_shift(shift):
+    if shift == 'dynamic':
+        return None
+    try:
+        return float(shift)
+    except ValueError:
+        raise ValueError(f"--shift {shift!r}: a number (e.g. 3.0) or 'dynamic'") from None
+
+
+def cli_error(e):
+    """One readable line for the errors we raise on bad input (KeyError's str() would add quotes)."""
+    return f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}'
+
+
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +279,10 @@ def main(argv=None):
     # validate everything cheap before loading anything big
     H, W = parse_size(a.size)
     prompts = [a.prompt] if a.prompt is not None else read_prompts(a.prompts)
-    shift = None if a.shift == 'dynamic' else float(a.shift)
+    shift = parse_shift(a.shift)
+    for path, what in ((a.ckpt, '--ckpt'), (a.ae, '--ae'), (a.lora, '--lora')):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f'{what} {path!r} does not exist')
     dtype, dev = DTYPES[a.dtype], a.device
     t0 = time.time()
     enc = load_text_encoders(a.t5, a.clip, dev, dtype)
@@ -275,6 +293,8 @@ def main(argv=None):
     txt, y = torch.cat(txt), torch.cat(y)
     neg = encode_prompts([a.negative], enc, a.max_length) if a.true_cfg != 1.0 else (None, None)
     del enc  # the encoders are not needed any more: free their memory before loading the DiT
+    if dev.startswith('cuda'):
+        torch.cuda.empty_cache()
     model = load_transformer(a.ckpt, dev, dtype, a.lora, a.lora_scale, a.merge)
     ae = load_ae(a.ae, dev, dtype)
     C = model.config.in_channels // 4
@@ -291,7 +311,7 @@ def main(argv=None):
     make_grid(pils).save(os.path.join(a.out, 'grid.png'))
     settings = {**vars(a), 'height': H, 'width': W, 'n_images': len(prompts), 'prompts': prompts,
                 'seeds': [a.seed + i for i in range(len(prompts))],
-                'schedule': get_schedule(a.steps, shift, (H // 16) * (W // 16)).tolist(),
+                'schedule': [a.first_t] + get_schedule(a.steps, shift, (H // 16) * (W // 16)).tolist()[1:],
                 'sample_seconds': time.time() - t1, 'total_seconds': time.time() - t0}
     with open(os.path.join(a.out, 'settings.json'), 'w') as f:
         json.dump(settings, f, indent=2)
@@ -303,4 +323,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(cli_error(e))

@@ -538,6 +538,10 @@ def test_bad_input(tiny):
                'double_blocks.1.img_attn.qkv.lora_B.weight': torch.zeros(192, 4)}, bad)
     with pytest.raises(ValueError, match='double_blocks.1.img_attn.qkv.lora_A.weight'):
         S.load_transformer(tiny['flux'], lora=bad)
+    with pytest.raises(ValueError, match="--shift 'fast'"):
+        S.main(sample_args(tiny, d + '/x', **{'--shift': 'fast'}))
+    with pytest.raises(FileNotFoundError, match='--lora'):
+        S.main(sample_args(tiny, d + '/x', **{'--lora': os.path.join(d, 'missing_lora.safetensors')}))
     # and from the command line: one line on stderr, exit status 1
     r = subprocess.run([sys.executable, 'sample.py', *sample_args(tiny, d + '/x', **{'--size': '64x20'})], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shards as S  # noqa: E402
-from sample import load_ae  # noqa: E402
+from sample import cli_error, load_ae  # noqa: E402
 
 EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
@@ -152,4 +152,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(cli_error(e))

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shards as S  # noqa: E402  (also puts the repo root on sys.path)
-from sample import (generate, get_schedule, load_ae, load_transformer, make_noise, parse_size,  # noqa: E402
-                    read_prompts, to_pil)
+from sample import (cli_error, generate, get_schedule, load_ae, load_transformer, make_noise,  # noqa: E402
+                    parse_shift, parse_size, read_prompts, to_pil)
 
 
 def main(argv=None):
@@ -43,7 +43,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     H, W = parse_size(a.size)
     prompts = read_prompts(a.prompts)
-    shift = None if a.shift == 'dynamic' else float(a.shift)
+    shift = parse_shift(a.shift)
     a.rank, world, a.device = S.dist_info(a.device)
     os.makedirs(a.out, exist_ok=True)
     meta = {k: v for k, v in vars(a).items() if k not in ('rank', 'device', 'quiet', 'max_chunks')}
@@ -93,4 +93,4 @@ if __name__ == '__main__':
     try:
         main()
     except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(cli_error(e))

@@ -451,6 +451,15 @@ def test_fid_inception(tiny):
     fa, fb = eval_clip.inception(a, 'cpu'), eval_clip.inception(b, 'cpu')
     assert fa.shape == (3, 2048) and np.isfinite(fa).all() and np.abs(fa - fb).max() > 1e-2
     assert eval_clip.fid(fa, fb) > 1.0 and abs(eval_clip.fid(fa, fa)) < 1e-6 * eval_clip.fid(fa, fb)
+    # --fid_ref reads a folder of any-size images; an unreadable one is named
+    ref_dir = os.path.join(tiny['dir'], 'fid_ref')
+    os.makedirs(ref_dir)
+    for i, im in enumerate(a):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(ref_dir, f'{i}.png'))
+    assert all(torch.equal(x, y) for x, y in zip(eval_clip.read_image_folder(ref_dir), a))
+    open(os.path.join(ref_dir, 'zz_bad.jpg'), 'wb').write(b'garbage')
+    with pytest.raises(ValueError, match='zz_bad.jpg'):
+        eval_clip.read_image_folder(ref_dir)
     # the low-rank shortcut (fewer samples than dims) equals the textbook formula
     rng = np.random.default_rng(0)
     for n1, n2, d in [(5, 7, 64), (40, 30, 16)]:

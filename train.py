@@ -441,8 +441,8 @@ while step < max_iters:
         # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world
         mb = torch.arange(batch_size)[(k * world + rank) * micro:(k * world + rank + 1) * micro]
         x0, txt, y = get_samples(idx_global[mb])
-        eps, role, t, d0, d1, g = (plan[n][mb].to(device) if n != 'eps' else eps_global[mb].to(device)
-                                   for n in ('eps', 'role', 't', 'd0', 'd1', 'guidance'))
+        eps = eps_global[mb].to(device)
+        role, t, d0, d1, g = (plan[n][mb].to(device) for n in ('role', 't', 'd0', 'd1', 'guidance'))
         chunk = plan['role'].view(grad_accum, world * micro)[k]
         active = [bool((chunk == r).any()) for r in range(3)]  # same on every rank
         x_t, target = scfm.target(lambda which, x, tt, i: velocity(which, x, tt, txt[i], y[i], g[i]),

@@ -43,7 +43,7 @@ PRESETS = {
                         num_heads=8, depth=4, depth_single_blocks=8, axes_dim=(16, 24, 24)),
     # the CPU testbed: 8x8 grey digits in pixel space (1 channel x 2x2 patch), MiniLM text embeddings, no guidance
     'digits': FluxConfig(in_channels=4, out_channels=4, vec_in_dim=384, context_in_dim=384, hidden_size=128,
-                         num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), guidance_embed=False),
+                         num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12), guidance_embed=False),
 }
 
 # ----- small pieces -----

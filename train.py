@@ -121,7 +121,7 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
 dist.init_process_group(backend='cuda:nccl,cpu:gloo' if device_type == 'cuda' else 'gloo')
 master = rank == 0
-print0 = print if master else (lambda *a, **k: None)
+print0 = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
 if world % dp_replicate:
     raise ValueError(f'dp_replicate={dp_replicate} must divide the number of processes {world}')
 mesh = (init_device_mesh(device_type, (dp_replicate, world // dp_replicate), mesh_dim_names=('replicate', 'shard'))

@@ -11,8 +11,8 @@ teacher_steps = 32
 self_steps = (2, 4, 8, 16)
 shift_range = (1.0, 2.0)  # the testbed samples with shift 1 (8x8 pixels need no high-noise emphasis)
 batch_size = 64
-max_iters = 100
-lr = 1e-4
+max_iters = 170          # x 1.7 teacher-step cost = 24% of the teacher's 1200 steps
+lr = 3e-4
 beta2 = 0.99
 ckpt_interval = 50
 log_interval = 10

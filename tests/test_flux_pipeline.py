@@ -124,15 +124,6 @@ def make_ae(path):
     return ae.eval()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: intra-op threading only adds contention (measured 1 s -> 0.02 s
-    # for a 3-step sample); restored for the other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):

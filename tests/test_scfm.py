@@ -14,14 +14,6 @@ import scfm
 NEAR, FAR = {1: 'teacher', 2: 'fast'}, {1: 'slow', 2: 'slow'}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # these tensors are small: on 2 shared cores, a second OpenMP thread only spins (4x the CPU time, measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def batch(B=96, fm_ratio=0.2, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)

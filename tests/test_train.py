@@ -36,14 +36,6 @@ FULL = ['--lora_rank=0', '--teacher=copy']
 CONCURRENT = 3  # processes at a time (a torchrun launch counts as 2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # these tensors are small: on 2 shared cores, a second OpenMP thread only spins (4x the CPU time, measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # the second dcp.save writes a partial checkpoint and the process dies on the spot, as if killed mid-write
 CRASH_WRAPPER = '''

@@ -26,6 +26,21 @@ CFG = M.FluxConfig(in_channels=64, out_channels=64, vec_in_dim=128, context_in_d
 B, HW, LT = 2, 32, 64  # 32x32 latent -> 16x16 = 256 tokens
 
 
+def time_pair(fa, fb, warmup=1, iters=3):
+    """Median times of two functions run alternately, so load changes on a shared machine hit both alike."""
+    ta, tb = [], []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+    return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
+
+
 def timeit(fn, warmup=1, iters=3):
     for _ in range(warmup):
         fn()
@@ -76,9 +91,9 @@ def bench_model():
                               img_ids=iid, txt_ids=tid, guidance=g, return_dict=False)[0]
         with torch.no_grad():
             err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
-            f_ours, f_ref = timeit(run_ours), timeit(run_ref)
-        fb_ours = timeit(lambda: run_ours().float().square().mean().backward())
-        fb_ref = timeit(lambda: run_ref().float().square().mean().backward())
+            f_ours, f_ref = time_pair(run_ours, run_ref)
+        fb_ours, fb_ref = time_pair(lambda: run_ours().float().square().mean().backward(),
+                                    lambda: run_ref().float().square().mean().backward())
         name = str(dtype).removeprefix('torch.')
         rows.append((name, 'forward', f_ours, f_ref, err))
         rows.append((name, 'forward+backward', fb_ours, fb_ref, err))

@@ -68,10 +68,13 @@ def rope(pos, dim, theta):
 
 
 def apply_rope(x, pe):
-    # x: (B, H, L, D) viewed as D/2 pairs; rotate each pair by its angle, in fp32
-    x_ = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 1, 2)
-    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]
-    return out.reshape(*x.shape).type_as(x)
+    # x: (B, H, L, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32.
+    # pe = (cos, sin) repeated to D: (c, c), (s, s) per pair; rotate-half of interleaved pairs is (-x1, x0)
+    cos, sin = pe
+    xf = x.float()
+    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-x1, x0), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).type_as(x)
 
 
 def attention(q, k, v, pe):
@@ -284,8 +287,10 @@ class Flux(nn.Module):
         if ids.ndim == 2:
             ids = ids[None].expand(batch, -1, -1)
         c = self.config
-        pe = torch.cat([rope(ids[..., i], c.axes_dim[i], c.theta) for i in range(3)], dim=-3)
-        return pe.unsqueeze(1)  # (B, 1, L, head_dim/2, 2, 2)
+        pe = torch.cat([rope(ids[..., i], c.axes_dim[i], c.theta) for i in range(3)], dim=-3)  # (B, L, D/2, 2, 2)
+        cos, sin = pe[..., 0, 0], pe[..., 1, 0]  # the rotation [[cos, -sin], [sin, cos]] of each pair
+        # (B, 1, L, head_dim), each angle repeated for both members of its pair: plain contiguous elementwise ops
+        return cos.repeat_interleave(2, -1).unsqueeze(1), sin.repeat_interleave(2, -1).unsqueeze(1)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -140,7 +140,6 @@ def bench_ours_step(tmp, init):
 
 def bench_reference_step(net):
     import scfm
-    from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
     with tempfile.TemporaryDirectory() as tmp:
         ref = diffusers_twin(net, tmp)

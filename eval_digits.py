@@ -17,7 +17,6 @@ Everything is repeated over a few seed sets (--seeds) and reported as mean ± st
 Writes table.md, results.json and grid.png (rows = samplers, columns = the ten digits) to --out.
 """
 import argparse
-import dataclasses
 import glob
 import json
 import os

@@ -7,7 +7,7 @@ No training logic lives here.
 """
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -344,7 +344,6 @@ def make_txt_ids(length, device=None):
 
 # every nn.Linear in the DiT, by BFL module name
 LORA_ALL = r'.*'
-LORA_ATTN_MLP = r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$'
 
 
 class LoRALinear(nn.Linear):

@@ -409,7 +409,6 @@ C, H, W = shards[0][0].get_slice('x0').get_shape()[1:]
 img_tokens = (H // 2) * (W // 2)
 Lt = shards[0][0].get_slice('txt').get_shape()[1]
 img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)
-flops_per_sample = net.estimate_flops(img_tokens, Lt)
 print0(f'data: {n_data} samples of {C}x{H}x{W} ({img_tokens} tokens) + {Lt} text tokens from {data_dir}')
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -479,8 +478,9 @@ while step < max_iters:
         t_last = time.time()
         part = lambda r: (sums[2 * r] / sums[2 * r + 1]).item() if sums[2 * r + 1] > 0 else float('nan')
         n_short = (sums[3] + sums[5]).item()
-        # model FLOPs of a step: student fwd+bwd (3F) per sample + two no-grad target passes (2F) per window sample
-        mfu = (3 * batch_size + 2 * n_short) * flops_per_sample / dt / peak_flops
+        # a step's model FLOPs: student fwd+bwd (3F) per sample + two no-grad target passes (2F) per window sample,
+        # expressed as fwd+bwd-equivalent samples per second
+        mfu = net.estimate_mfu((3 * batch_size + 2 * n_short) / 3 / dt, img_tokens, Lt, peak_flops)
         log = dict(loss=loss, loss_fm=part(0), loss_teacher=part(1), loss_self=part(2), grad_norm=grad_norm,
                    lr=get_lr(step - 1), step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
         bar.set_postfix(loss=f'{loss:.4f}', gn=f'{grad_norm:.3f}')

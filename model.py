@@ -342,8 +342,9 @@ def make_txt_ids(length, device=None):
 # LoRA, written by hand: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
 # the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
 
-# every nn.Linear in the DiT, by BFL module name
+# target patterns over BFL module names: every nn.Linear, or only the attention and MLP projections
 LORA_ALL = r'.*'
+LORA_ATTN_MLP = r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$'
 
 
 class LoRALinear(nn.Linear):

@@ -3,6 +3,7 @@ Benchmarks, as ratios against a reference run in the same process (never as time
 
     python bench.py model     # our Flux forward / forward+backward vs diffusers' FluxTransformer2DModel, same weights
     python bench.py step      # one SCFM optimizer step vs the official code's way (diffusers + peft, weights swapped)
+    python bench.py sample    # a 3-step sample split into text encoding / transformer / decoding, ours vs diffusers
 
 Needs the dev requirements (diffusers; peft for `step`). Results go to stdout as a markdown table.
 """
@@ -208,6 +209,67 @@ def bench_step():
     print(f'| peak RSS during the run (MB) | {ours_mem:.0f} | {ref_mem:.0f} | {ours_mem / ref_mem:.2f} |')
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# one 3-step 256x256 sample (32x32 latent, 256 image tokens; T5 512 tokens, CLIP 77) with small random encoders, the
+# mid-size transformer and the tiny Flux AE: text encoding (the transformers encoders both pipelines call), the
+# transformer (sample.generate vs the same 3 Euler steps through diffusers' FluxTransformer2DModel) and decoding (our
+# AutoEncoder vs diffusers' AutoencoderKL with the same weights). Tokenizers are left out (microseconds).
+
+
+def bench_sample(steps=3, size=256):
+    import convert_weights
+    import sample
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=CFG.context_in_dim, d_ff=1024, d_kv=32, num_heads=8,
+                                 num_layers=4)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=CFG.vec_in_dim, intermediate_size=512, num_hidden_layers=4,
+                                        num_attention_heads=4, max_position_embeddings=77)).eval()
+    ids_t5, ids_clip = torch.randint(0, 32128, (1, 512)), torch.randint(0, 49408, (1, 77))
+    net, ae = random_model().eval(), M.AutoEncoder(M.AE_PRESETS['tiny']).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = diffusers_twin(net, tmp).eval()
+        save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, f'{tmp}/ae.safetensors',
+                  metadata={'format': 'flux-bfl', 'model': 'ae', 'config': json.dumps(dataclasses.asdict(ae.cfg))})
+        convert_weights.convert(f'{tmp}/ae.safetensors', f'{tmp}/vae', to='diffusers')
+        vae = AutoencoderKL.from_pretrained(f'{tmp}/vae').eval()
+    h = w = size // 8
+    noise = torch.randn(1, 16, h, w)
+
+    def encode():
+        return t5(ids_t5).last_hidden_state, clip(ids_clip).pooler_output
+
+    with torch.no_grad():
+        txt, y = encode()
+        ts = sample.get_schedule(steps, shift=3.0)
+        iid, tid = M.make_img_ids(h, w), M.make_txt_ids(txt.shape[1])
+
+        def ref_transformer():
+            x = M.pack(noise)
+            for t0, t1 in zip(ts[:-1], ts[1:]):
+                v = ref(hidden_states=x, encoder_hidden_states=txt, pooled_projections=y, timestep=torch.tensor([t0]),
+                        img_ids=iid, txt_ids=tid, guidance=torch.tensor([3.5]), return_dict=False)[0]
+                x = x + (t1 - t0) * v
+            return M.unpack(x, h, w)
+
+        ours_transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
+        z = ours_transformer()
+        err = ((z - ref_transformer()).norm() / z.norm()).item()
+        t_enc = timeit(encode)
+        t_tr, r_tr = time_pair(ours_transformer, ref_transformer)
+        t_dec, r_dec = time_pair(lambda: ae.decode(z), lambda: vae.decode(z / vae.config.scaling_factor
+                                                                          + vae.config.shift_factor).sample)
+    total, ref_total = t_enc + t_tr + t_dec, t_enc + r_tr + r_dec
+    print(f'{steps}-step sample at {size}x{size} px, batch 1: T5 (d 256, 4 layers, 512 tokens) + CLIP (d 128, 4 layers), '
+          f'Flux hidden {CFG.hidden_size} {CFG.depth}+{CFG.depth_single_blocks} blocks, tiny Flux AE; '
+          f'{torch.get_num_threads()} CPU threads, median of 3; latent rel. error ours vs diffusers {err:.1e}\n')
+    print('| stage | ours (ms) | share of ours | diffusers (ms) | ratio ours/diffusers |')
+    print('|---|---|---|---|---|')
+    for name, a, b in (('text encoding (transformers T5 + CLIP, shared)', t_enc, t_enc),
+                       (f'transformer ({steps} steps)', t_tr, r_tr), ('AE decode', t_dec, r_dec), ('total', total, ref_total)):
+        print(f'| {name} | {a * 1e3:.1f} | {100 * a / total:.0f}% | {b * 1e3:.1f} | {a / b:.2f} |')
+
+
 if __name__ == '__main__':
     what = sys.argv[1] if len(sys.argv) > 1 else 'model'
-    {'model': bench_model, 'step': bench_step}[what]()
+    {'model': bench_model, 'step': bench_step, 'sample': bench_sample}[what]()

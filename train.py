@@ -30,6 +30,7 @@ import time
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -56,6 +57,7 @@ resume = False               # continue from the latest checkpoint in out_dir
 export_only = False          # with resume: just export the latest checkpoint's weights and exit
 ckpt_interval = 200          # steps between checkpoints (also one at the end)
 keep_ckpts = 2               # older checkpoints are deleted
+snapshot_interval = 0        # > 0: also export the student every N steps to snapshots/ (quality-vs-step curves)
 log_interval = 10
 wandb_log = False
 wandb_project = 'scfm'
@@ -139,11 +141,22 @@ os.makedirs(out_dir, exist_ok=True)
 # data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv); samples are read one by one from memory-mapped files
 
 
-def open_shards(data_dir, cfg):
-    paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)
-                   if f.startswith('train') and f.endswith('.safetensors')) if os.path.isdir(data_dir) else []
-    if not paths:
-        raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} (run data/<name>/prepare.py)')
+def shard_paths(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith('train') and f.endswith('.safetensors'))
+
+
+def open_buckets(data_dir, cfg):
+    """One bucket (a list of shards of one sample shape) for data_dir's own train*.safetensors and one per
+    sub-folder holding some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
+    dirs = [data_dir] + sorted(os.path.join(data_dir, d) for d in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    buckets = [open_shards(shard_paths(d), cfg) for d in dirs if os.path.isdir(d) and shard_paths(d)]
+    if not buckets:
+        raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} or its sub-folders '
+                                f'(run data/<name>/prepare.py)')
+    return buckets
+
+
+def open_shards(paths, cfg):
     shards, shape = [], None
     for p in paths:
         f = safe_open(p, 'pt')
@@ -164,8 +177,8 @@ def open_shards(data_dir, cfg):
     return shards
 
 
-def get_samples(indices):
-    """Global sample indices -> stacked (x0, txt, y) on the device."""
+def get_samples(shards, indices):
+    """Sample indices within a bucket -> stacked (x0, txt, y) on the device."""
     out = {'x0': [], 'txt': [], 'y': []}
     for i in indices.tolist():
         for f, n in shards:
@@ -177,13 +190,14 @@ def get_samples(indices):
     return [torch.cat(v).float().to(device) for v in out.values()]
 
 
-def batch_indices(step):
-    """The global batch of a step: walk through seeded per-epoch permutations (resumable from the step alone)."""
-    pos = step * batch_size
+def batch_indices(bucket, pos):
+    """The bucket's pos-th global batch: walk through seeded per-epoch permutations of the bucket (resumable from the
+    position alone)."""
+    n_data, pos = sizes[bucket], pos * batch_size
     idx = []
     while len(idx) < batch_size:
         epoch, off = divmod(pos, n_data)
-        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch))
+        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch + 100_003 * bucket))
         take = perm[off:off + batch_size - len(idx)]
         idx.append(take)
         pos += len(take)
@@ -368,11 +382,13 @@ def load_checkpoint(path):
     return state['step']
 
 
-def export(step):
-    """Full (unsharded) weights for sample.py / eval / convert_weights: the student and its slow EMA."""
+def export(step, snapshot=False):
+    """Full (unsharded) weights for sample.py / eval / convert_weights: the student and its slow EMA, or with
+    snapshot=True the student alone as snapshots/<kind>_<step>.safetensors."""
     kind = 'lora' if lora_rank else 'model'
     meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step)}
-    for suffix, ws in (('', list(trainable.values())), ('_ema', ema_s)):
+    sets = (('', list(trainable.values())),) if snapshot else (('', list(trainable.values())), ('_ema', ema_s))
+    for suffix, ws in sets:
         full = {n: w.full_tensor().cpu() for n, w in zip(trainable, ws)}  # collective: every rank calls it
         if lora_rank:
             full = {k: v for n, t in full.items() for k, v in (
@@ -380,10 +396,13 @@ def export(step):
             full.update({f'{n.rsplit(".lora_", 1)[0]}.alpha': torch.tensor(float(lora_alpha or lora_rank))
                          for n in trainable if n.endswith('.lora_A')})
         if master:
-            path = os.path.join(out_dir, f'{kind}{suffix}.safetensors')
+            path = (os.path.join(out_dir, 'snapshots', f'{kind}_{step:07d}.safetensors') if snapshot else
+                    os.path.join(out_dir, f'{kind}{suffix}.safetensors'))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             save_file({k: v.contiguous() for k, v in full.items()}, path + '.tmp', metadata=meta)
             os.replace(path + '.tmp', path)
-            print0(f'exported {path}')
+            if not snapshot:
+                print0(f'exported {path}')
     dist.barrier()
 
 
@@ -403,13 +422,17 @@ if export_only:
     dist.destroy_process_group()
     raise SystemExit(0)
 
-shards = open_shards(data_dir, cfg)
-n_data = sum(n for _, n in shards)
-C, H, W = shards[0][0].get_slice('x0').get_shape()[1:]
-img_tokens = (H // 2) * (W // 2)
-Lt = shards[0][0].get_slice('txt').get_shape()[1]
-img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)
-print0(f'data: {n_data} samples of {C}x{H}x{W} ({img_tokens} tokens) + {Lt} text tokens from {data_dir}')
+buckets = open_buckets(data_dir, cfg)
+sizes = [sum(n for _, n in b) for b in buckets]
+shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
+for n, (C, H, W, Lt) in zip(sizes, shapes):
+    print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
+# a whole batch comes from one bucket: step s uses bucket_of[s] (drawn in proportion to the bucket sizes; numpy's
+# stream is prefix-stable, so a longer max_iters keeps the past) and that bucket's pos_of[s]-th batch
+u = np.random.default_rng(seed).random(max_iters)
+bucket_of = np.searchsorted(np.cumsum(sizes) / sum(sizes), u, side='right').clip(max=len(sizes) - 1)
+onehot = bucket_of[:, None] == np.arange(len(sizes))
+pos_of = (np.cumsum(onehot, 0) - onehot)[np.arange(max_iters), bucket_of]  # earlier steps on the same bucket
 
 # -----------------------------------------------------------------------------------------------------------------
 # the SCFM step
@@ -431,7 +454,11 @@ while step < max_iters:
     for group in optimizer.param_groups:
         group['lr'] = get_lr(step)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # this step's randomness, for the global batch
-    idx_global = batch_indices(step)
+    b = int(bucket_of[step])
+    C, H, W, Lt = shapes[b]
+    img_tokens = (H // 2) * (W // 2)
+    img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)  # read by velocity()
+    idx_global = batch_indices(b, int(pos_of[step]))
     eps_global = torch.randn(batch_size, C, H, W, generator=gen)
     plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio, teacher_ratio, teacher_steps, self_steps, shift_range,
                      dyn_shift_prob, fm_t, guidance_range)
@@ -439,7 +466,7 @@ while step < max_iters:
     for k in range(grad_accum):
         # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world
         mb = torch.arange(batch_size)[(k * world + rank) * micro:(k * world + rank + 1) * micro]
-        x0, txt, y = get_samples(idx_global[mb])
+        x0, txt, y = get_samples(buckets[b], idx_global[mb])
         eps = eps_global[mb].to(device)
         role, t, d0, d1, g = (plan[n][mb].to(device) for n in ('role', 't', 'd0', 'd1', 'guidance'))
         chunk = plan['role'].view(grad_accum, world * micro)[k]
@@ -482,13 +509,15 @@ while step < max_iters:
         # expressed as fwd+bwd-equivalent samples per second
         mfu = net.estimate_mfu((3 * batch_size + 2 * n_short) / 3 / dt, img_tokens, Lt, peak_flops)
         log = dict(loss=loss, loss_fm=part(0), loss_teacher=part(1), loss_self=part(2), grad_norm=grad_norm,
-                   lr=get_lr(step - 1), step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
+                   lr=get_lr(step - 1), tokens=img_tokens, step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
         bar.set_postfix(loss=f'{loss:.4f}', gn=f'{grad_norm:.3f}')
         print0(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in log.items()))
         if wandb_log and master:
             wandb.log(log, step=step)
     if step % ckpt_interval == 0 or step == max_iters:
         save_checkpoint(step)
+    if snapshot_interval and step % snapshot_interval == 0:
+        export(step, snapshot=True)
 bar.close()
 export(step)
 dist.destroy_process_group()

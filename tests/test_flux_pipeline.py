@@ -459,6 +459,32 @@ def test_fid_inception(tiny):
         assert abs(eval_clip.fid(x, z) - ref) < 1e-6 * ref  # eigh of rank-deficient S: ~1e-8 noise
 
 
+def test_prepare_teacher_sigkill(tiny):
+    """A real SIGKILL of a running prepare_teacher.py process (one prompt per chunk), as soon as its first shard is
+    on disk; the rerun must produce every prompt exactly once."""
+    import signal
+    import time
+    out = os.path.join(tiny['dir'], 'teacher_kill')
+    args = teacher_args(tiny, out, '--png')
+    args[args.index('--chunk') + 1] = '1'
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'data', 'flux', 'prepare_teacher.py'), *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while p.poll() is None and not (os.path.isdir(out) and read_shards(out)):
+            time.sleep(0.002)
+        running = p.poll() is None
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert running, 'the process finished before it could be killed'
+    assert 1 <= len(read_shards(out)) < len(PROMPTS)
+    prepare_teacher.main(args)
+    shards = read_shards(out)
+    idx = torch.cat([s['index'] for s in shards.values()]).tolist()
+    assert len(shards) == len(PROMPTS) and sorted(idx) == list(range(len(PROMPTS)))
+    assert not [f for f in os.listdir(out) if '.tmp' in f]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # your own images: aspect-ratio buckets
 

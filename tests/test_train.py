@@ -125,12 +125,12 @@ class Runs:
                 self.cond.notify_all()
 
 
-def write_shards(folder, n=(20, 12), channels=4, fill=None, seed=0):
+def write_shards(folder, n=(20, 12), channels=4, fill=None, seed=0, hw=(8, 8)):
     """Two train*.safetensors shards of x0 (N, C, 8, 8), txt (N, 5, 32), y (N, 32): the 'tiny' preset's shapes."""
     os.makedirs(folder, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     for i, k in enumerate(n):
-        x0 = torch.randn(k, channels, 8, 8, generator=gen)
+        x0 = torch.randn(k, channels, *hw, generator=gen)
         if fill is not None:
             x0.fill_(fill)
         save_file({'x0': x0, 'txt': torch.randn(k, 5, 32, generator=gen), 'y': torch.randn(k, 32, generator=gen)},
@@ -189,6 +189,20 @@ def runs(tmp_path_factory):
                                        f'--data_dir={write_shards(tmp / "data_inf", fill=float("inf"))}'],
           after='crash', prepare=copy_of(tmp / 'crash'))
     r.add('nockpt', COMMON + io + LORA + ['--resume=True'])
+    # aspect-ratio buckets (prepare_folder.py's layout): data_dir/8x8/ and data_dir/8x12/; uninterrupted on 1 process,
+    # and resumed at step 2 on 2 processes
+    buckets = tmp / 'buckets'
+    write_shards(buckets / '8x8', n=(20,)), write_shards(buckets / '8x12', n=(12,), hw=(8, 12), seed=1)
+    bk = COMMON + FULL + [f'--init_from={init}', f'--data_dir={buckets}', '--max_iters=6', '--ckpt_interval=2',
+                          '--keep_ckpts=10']
+    r.add('buckets', bk)
+
+    def from_step2(out_dir):
+        shutil.copytree(tmp / 'buckets', out_dir)
+        shutil.rmtree(os.path.join(out_dir, 'ckpt_0000004')), shutil.rmtree(os.path.join(out_dir, 'ckpt_0000006'))
+        open(os.path.join(out_dir, 'latest'), 'w').write('ckpt_0000002')
+        return {}
+    r.add('buckets_resume2', bk + ['--resume=True'], nproc=2, after='buckets', prepare=from_step2)
     r.add('badshape', COMMON + LORA + [f'--init_from={init}', f'--data_dir={write_shards(tmp / "data3", channels=3)}'])
     r.init = init
     yield r
@@ -399,3 +413,13 @@ def test_two_process_parity_full_finetune(runs):
         errs.append(rel_err(*({k: v[k] - init[k] for k in v} for v in (a, b))))
     print(f'rel err of the update from the initial weights: student {errs[0]:.2e}, slow EMA {errs[1]:.2e}')
     assert errs[0] <= 1e-4
+
+
+def test_aspect_ratio_buckets(runs):
+    """Each step trains on one bucket (both shapes occur), and a resume on 2 processes continues the same run."""
+    a, b = runs['buckets'].check(), runs['buckets_resume2'].check()
+    tokens = [int(m) for m in re.findall(r' tokens (\d+) ', a.stdout)]
+    assert len(tokens) == 6 and set(tokens) == {16, 24}, tokens  # 8x8 -> 16 tokens, 8x12 -> 24
+    assert [int(m) for m in re.findall(r' tokens (\d+) ', b.stdout)] == tokens[2:]
+    for x, y in zip(exports(a, 'model'), exports(b, 'model')):
+        assert rel_err(y, x) < 1e-6

@@ -152,12 +152,15 @@ def main(argv=None):
     p.add_argument('--shard_size', type=int, default=100_000, help='images per shard')
     p.add_argument('--limit', type=int, default=None, help='use only the first N images (tests)')
     p.add_argument('--seed', type=int, default=0, help='split and caption-choice seed')
+    p.add_argument('--per_class', type=int, default=None, help='keep only the first K train images of each digit '
+                   '(few-shot: --per_class 1 --out_dir data/digits10 gives 10 image-caption pairs); test split unchanged')
     p.add_argument('--force', action='store_true', help='rebuild even if the outputs exist')
     args = p.parse_args(argv)
 
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, 'meta.json')
-    settings = {'size': args.size, 'txt_len': args.txt_len, 'limit': args.limit, 'seed': args.seed}
+    settings = {'size': args.size, 'txt_len': args.txt_len, 'limit': args.limit, 'seed': args.seed,
+                'per_class': args.per_class}
     if os.path.exists(meta_path) and not args.force:
         with open(meta_path) as f:
             old = json.load(f)
@@ -171,6 +174,8 @@ def main(argv=None):
 
     x, labels = load_digits_images(args.size, args.limit)
     tr, te = split_indices(labels, seed=args.seed)
+    if args.per_class:
+        tr = np.concatenate([tr[labels[tr].numpy() == c][:args.per_class] for c in range(10)])
     # one template per image, fixed by the seed
     template = torch.from_numpy(np.random.default_rng(args.seed).integers(0, len(TEMPLATES), len(labels)))
     captions = [caption(int(l), int(t)) for l, t in zip(labels, template)]

@@ -9,7 +9,7 @@ Captions: one `name.txt` next to every `name.png/.jpg/...`, or a captions.jsonl 
 lines {"file": "name.png", "text": "..."}. Every image is resized (to cover) and center-cropped to the bucket of
 about resolution^2 pixels, sides multiples of 16, whose aspect ratio is nearest in log space. Buckets go to
 separate folders, out/{H}x{W}/train_XXXXX.safetensors (x0, txt, y, index = the image's position in the sorted file
-list), because train.py wants one sample shape per data_dir. Chunk c = sorted images [c*chunk, (c+1)*chunk) is
+list); train.py --data_dir=out trains on all of them, one bucket per batch. Chunk c = sorted images [c*chunk, (c+1)*chunk) is
 done when out/done/XXXXX.json exists (written last), so a killed run redoes at most the chunks in flight.
 """
 import argparse

@@ -145,10 +145,13 @@ def main(argv=None):
                     'every sample a teacher window on the previous round\'s grid; SCFM: the testbed config.', rows)
 
     # 3. SCFM during pretraining vs plain flow matching at equal compute; RMSE to each model's own 32-step sample
-    fm, pre = (f'{args.root}/pretrain/{k}_s{{s}}/model_ema.safetensors' for k in ('fm', 'scfm'))
+    fm, pre, warm = (f'{args.root}/pretrain/{k}_s{{s}}/model_ema.safetensors' for k in ('fm', 'scfm', 'scfm-warm'))
     if have(pre):
         rows = []
-        for name, path in (('plain FM (1200 steps)', fm), ('FM + SCFM self slice (1030 steps)', pre)):
+        for name, path in (('plain FM (1200 steps)', fm), ('FM + SCFM self slice (1030 steps)', pre),
+                           ('500 FM steps, then FM + SCFM self slice (1100 steps)', warm)):
+            if not have(path):
+                continue
             per_seed = []
             for s in have(path):
                 m = load(path.format(s=s))
@@ -157,7 +160,8 @@ def main(argv=None):
             rows += [(name, n, over_seeds([r[n] for r in per_seed])) for n in (1, 2, 3, 4, 8, 32)]
         results['pretrain'] = rows
         md += table('### SCFM during pretraining\n\nBoth from scratch, equal compute (1030 x 224 = 1200 x 192 '
-                    'sample-passes); the EMA weights are scored.', rows, rmse_name='RMSE to own 32-step')
+                    'sample-passes); the EMA weights are scored. Self slice: 25% of each batch, fast/slow EMA targets on '
+                    '2/4/8/16-step windows.', rows, rmse_name='RMSE to own 32-step')
 
     # 4. EMA strategies: the student's 3-step FID and paired RMSE against the training step
     curves = {}

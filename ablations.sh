@@ -48,6 +48,7 @@ if [[ $what == pretrain || $what == all ]]; then
   for s in $SEEDS; do
     train $O/pretrain/fm_s$s config/digits_teacher.py --seed=$s
     train $O/pretrain/scfm_s$s config/digits_pretrain_scfm.py --seed=$s
+    train $O/pretrain/scfm-warm_s$s config/digits_pretrain_scfm_warm.py --seed=$s
   done
 fi
 if [[ $what == eval || $what == all ]]; then

@@ -76,6 +76,7 @@ teacher = 'lora_off'         # 'lora_off': base model (LoRA scale 0) | 'copy': f
 teacher_ratio = 0.4          # share of samples anchored on the teacher
 fm_ratio = 0.0               # share of plain flow-matching samples on data (pretraining); drawn first
 fm_t = 'logit_normal'        # t for flow-matching samples: 'logit_normal' | 'uniform'
+fm_warmup = 0                # the first N steps are all flow matching (pretraining: EMA targets need a model first)
 teacher_steps = 32           # teacher windows: 2 sub-steps of this grid
 self_steps = (2, 4, 8, 16)   # self windows: 2 sub-steps of one of these grids
 shift_range = (2.5, 4.5)     # per-sample timestep shift s ~ U[a, b)
@@ -460,7 +461,7 @@ while step < max_iters:
     img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)  # read by velocity()
     idx_global = batch_indices(b, int(pos_of[step]))
     eps_global = torch.randn(batch_size, C, H, W, generator=gen)
-    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio, teacher_ratio, teacher_steps, self_steps, shift_range,
+    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio if step >= fm_warmup else 1.0, teacher_ratio, teacher_steps, self_steps, shift_range,
                      dyn_shift_prob, fm_t, guidance_range)
     sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss sum and count per role (fm, teacher, self); total
     for k in range(grad_accum):

@@ -194,7 +194,7 @@ def runs(tmp_path_factory):
     buckets = tmp / 'buckets'
     write_shards(buckets / '8x8', n=(20,)), write_shards(buckets / '8x12', n=(12,), hw=(8, 12), seed=1)
     bk = COMMON + FULL + [f'--init_from={init}', f'--data_dir={buckets}', '--max_iters=6', '--ckpt_interval=2',
-                          '--keep_ckpts=10']
+                          '--keep_ckpts=10', '--fm_warmup=2', '--snapshot_interval=3']
     r.add('buckets', bk)
 
     def from_step2(out_dir):
@@ -416,8 +416,15 @@ def test_two_process_parity_full_finetune(runs):
 
 
 def test_aspect_ratio_buckets(runs):
-    """Each step trains on one bucket (both shapes occur), and a resume on 2 processes continues the same run."""
+    """Each step trains on one bucket (both shapes occur), and a resume on 2 processes continues the same run.
+    The same runs check fm_warmup (steps 1-2 all flow matching) and snapshot_interval (the student at steps 3, 6)."""
     a, b = runs['buckets'].check(), runs['buckets_resume2'].check()
+    roles = re.findall(r'^step (\d+): .* loss_fm (\S+) loss_teacher (\S+) loss_self (\S+)', a.stdout, re.M)
+    assert [r[2:] == ('nan', 'nan') for r in roles] == [True, True, False, False, False, False], roles
+    assert sorted(os.listdir(os.path.join(a.out_dir, 'snapshots'))) == ['model_0000003.safetensors',
+                                                                       'model_0000006.safetensors']
+    last = load_file(os.path.join(a.out_dir, 'snapshots', 'model_0000006.safetensors'))
+    assert rel_err(last, exports(a, 'model')[0]) == 0
     tokens = [int(m) for m in re.findall(r' tokens (\d+) ', a.stdout)]
     assert len(tokens) == 6 and set(tokens) == {16, 24}, tokens  # 8x8 -> 16 tokens, 8x12 -> 24
     assert [int(m) for m in re.findall(r' tokens (\d+) ', b.stdout)] == tokens[2:]

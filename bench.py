@@ -4,6 +4,7 @@ Benchmarks, as ratios against a reference run in the same process (never as time
     python bench.py model     # our Flux forward / forward+backward vs diffusers' FluxTransformer2DModel, same weights
     python bench.py step      # one SCFM optimizer step vs the official code's way (diffusers + peft, weights swapped)
     python bench.py sample    # a 3-step sample split into text encoding / transformer / decoding, ours vs diffusers
+    python bench.py gpu       # FLUX.1-dev-sized transformer (random weights) + Flux AE, 1024x1024, 3 steps, bf16
 
 Needs the dev requirements (diffusers; peft for `step`). Results go to stdout as a markdown table.
 """
@@ -270,6 +271,48 @@ def bench_sample(steps=3, size=256):
         print(f'| {name} | {a * 1e3:.1f} | {100 * a / total:.0f}% | {b * 1e3:.1f} | {a / b:.2f} |')
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the GPU latency target (issue 5): transformer + decode of a 3-step 1024x1024 sample, bf16, random weights of the
+# real sizes. `python bench.py gpu small cpu 64` runs the same code on a small model as a check without a GPU.
+
+
+def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3):
+    import sample
+    size, dtype = int(size), torch.bfloat16
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    with torch.device('meta'):
+        net, ae = M.Flux(M.PRESETS[preset]), M.AutoEncoder(M.AE_PRESETS['flux' if preset.startswith('flux') else 'tiny'])
+    net, ae = net.to(dtype).to_empty(device=device), ae.to(dtype).to_empty(device=device)  # 24 GB, not 48 + 24
+    net.init_weights(), ae.init_weights()
+    net, ae = net.eval(), ae.eval()
+    cfg = net.config
+    h = w = size // 8
+    txt = torch.randn(1, 512, cfg.context_in_dim, device=device)
+    y, noise = torch.randn(1, cfg.vec_in_dim, device=device), torch.randn(1, cfg.in_channels // 4, h, w, device=device)
+
+    def run():
+        sync()
+        t0 = time.perf_counter()
+        z = sample.generate(net, None, txt, y, noise, steps, 3.0)
+        sync()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            ae.decode(z.to(dtype))
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    run()  # warm-up (kernel selection, allocator)
+    times = sorted(run() for _ in range(5))
+    tr, dec = times[len(times) // 2]
+    name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
+    print(f'{preset} transformer ({sum(p.numel() for p in net.parameters()) / 1e9:.2f}B params) + AE decode, '
+          f'{size}x{size}, {steps} steps, batch 1, bf16, on {name} (median of 5 after a warm-up)\n')
+    print('| transformer (s) | decode (s) | transformer + decode (s) | peak memory (GB) |')
+    print('|---|---|---|---|')
+    mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith('cuda') else float('nan')
+    print(f'| {tr:.3f} | {dec:.3f} | {tr + dec:.3f} | {mem:.1f} |')
+
+
 if __name__ == '__main__':
     what = sys.argv[1] if len(sys.argv) > 1 else 'model'
-    {'model': bench_model, 'step': bench_step, 'sample': bench_sample}[what]()
+    {'model': bench_model, 'step': bench_step, 'sample': bench_sample, 'gpu': bench_gpu}[what](*sys.argv[2:])

@@ -159,3 +159,41 @@ def test_eval_end_to_end(digits_dir, tmp_path):
     # the cached classifier is reused on a second call (same settings)
     assert os.path.exists(tmp_path / 'clf.safetensors')
     assert res['classifier_test_acc'] == saved['classifier_test_acc']
+
+
+def test_prepare_few_shot(tmp_path):
+    out = str(tmp_path / 'd10')
+    load_prepare().main(['--out_dir', out, '--limit', '200', '--txt_len', '8', '--text_encoder', 'random',
+                         '--per_class', '1'])
+    with open(os.path.join(out, 'meta.json')) as f:
+        meta = json.load(f)
+    assert sorted(meta['labels']['train']) == list(range(10)) and meta['splits']['test'] > 10
+
+
+def test_ablations_tables_match_eval_digits(digits_dir, tmp_path):
+    """ablations.py on fake runs of tiny models: every section is written, and its scores are eval_digits' scores
+    (same noise, prompts and classifier), so the ablation tables sit on the testbed table's scale."""
+    import ablations
+    root, m = tmp_path / 'abl', {}
+    paths = ['fewshot/full_s1/model', 'fewshot/ten_s1/model', 'pretrain/fm_s1/model_ema', 'pretrain/scfm_s1/model_ema',
+             *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4)],
+             'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010']
+    for i, p in enumerate(paths):
+        os.makedirs(os.path.dirname(root / p), exist_ok=True)
+        m[p] = tiny_digits_model(str(root / p) + '.safetensors', i)
+    teacher = str(tmp_path / 'teacher.safetensors')
+    tiny_digits_model(teacher, 99)
+    out = str(tmp_path / 'out')
+    ablations.main(['--root', str(root), '--teacher', teacher, '--data_dir', digits_dir, '--seeds_train', '1',
+                    '--eval_seeds', '0', '--out', out])
+    md = open(os.path.join(out, 'ablations.md')).read()
+    for section in ('Few-shot', 'Progressive', 'pretraining', 'EMA strategies'):
+        assert section in md
+    assert os.path.getsize(os.path.join(out, 'ema_curves.png')) > 0
+    res = json.load(open(os.path.join(out, 'results.json')))
+    fid_abl = {(name, steps): r['fid'][0] for name, steps, r in res['fewshot']}
+    ref = eval_digits.main(['--teacher', str(root / 'fewshot/ten_s1/model.safetensors'), '--teacher_steps', '2,3',
+                            '--seeds', '0', '--data_dir', digits_dir, '--out', str(tmp_path / 'ev')])
+    for row in ref['rows']:
+        assert fid_abl[('SCFM, 10 pairs (one per digit)', row['steps'])] == pytest.approx(row['fid'][0], rel=1e-9)
+    assert set(res['ema']['dual']) == {'5', '10'} or set(res['ema']['dual']) == {5, 10}

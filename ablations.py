@@ -188,6 +188,12 @@ def main(argv=None):
                '| strategy | ' + ' | '.join(f'step {st}' for st in steps[1::2]) + ' |',
                '|---|' + '---|' * len(steps[1::2])]
         md += [f'| {n} | ' + ' | '.join(fmt(c[st]['fid'], 1) for st in steps[1::2]) + ' |' for n, c in summary.items()]
+        last = steps[-1]
+        md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '',
+               '| strategy | FID ↓ | RMSE to teacher-32 ↓ | best FID (step) |', '|---|---|---|---|']
+        for n, c in summary.items():
+            best = min(c, key=lambda st: c[st]['fid'][0])
+            md.append(f'| {n} | {fmt(c[last]["fid"])} | {fmt(c[last]["rmse"], 4)} | {c[best]["fid"][0]:.2f} ({best}) |')
         md += ['', '![EMA curves](ema_curves.png)', '']
     text = '\n'.join(md) + '\n'
     print(text)

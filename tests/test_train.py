@@ -178,6 +178,8 @@ def runs(tmp_path_factory):
     r.add('lora', COMMON + io + LORA + ['--ckpt_interval=1', '--keep_ckpts=10'])
     r.add('full', COMMON + io + FULL + ['--ckpt_interval=100'], out_dir=str(tmp / 'full=1p'))  # '=' in a value
     r.add('full2', COMMON + io + FULL + ['--ckpt_interval=100'], nproc=2)
+    # hybrid sharding: a (replicate 2, shard 1) mesh, as across nodes
+    r.add('hsdp', COMMON + io + FULL + ['--ckpt_interval=100', '--dp_replicate=2'], nproc=2)
     # it dies saving step 4: resume its step-2 checkpoint for the last 2 steps on 1 process ...
     r.add('resume', COMMON + io + LORA + ['--ckpt_interval=2', '--resume=True'], after='crash',
           prepare=copy_of(tmp / 'crash'))
@@ -413,6 +415,12 @@ def test_two_process_parity_full_finetune(runs):
         errs.append(rel_err(*({k: v[k] - init[k] for k in v} for v in (a, b))))
     print(f'rel err of the update from the initial weights: student {errs[0]:.2e}, slow EMA {errs[1]:.2e}')
     assert errs[0] <= 1e-4
+
+
+def test_hybrid_sharding_parity(runs):
+    ref, r = runs['full'].check(), runs['hsdp'].check()
+    assert '2 process(es)' in r.stdout
+    assert_parity(r, ref, 'model', [1, 2, 3, 4])
 
 
 def test_aspect_ratio_buckets(runs):

@@ -103,6 +103,41 @@ def line_plot(path, panels, width=520, height=360):
     img.save(path)
 
 
+def ema_section(S, load, root, seeds, start, out, name, title, results):
+    """Score every snapshot of root/<strategy>_s<seed>/ at 3 steps -> markdown lines, <name>_curves.png, results[name]."""
+    curves = {}
+    for run in sorted(glob.glob(f'{root}/*_s*')):
+        strategy, s = os.path.basename(run).rsplit('_s', 1)
+        if s not in seeds:
+            continue
+        for path in sorted(glob.glob(f'{run}/snapshots/model_*.safetensors')):
+            step = int(path.rsplit('_', 1)[1].split('.')[0])
+            curves.setdefault(strategy, {}).setdefault(step, []).append(S.score(load(path), 3))
+        print(f'scored {run}', flush=True)
+    if not curves:
+        return []
+    summary = {n: {st: over_seeds(v) for st, v in sorted(c.items())} for n, c in curves.items()}
+    results[name] = summary
+    series = lambda metric: {n: ([0] + list(c), [start[metric]] + [v[metric][0] for v in c.values()])
+                             for n, c in summary.items()}
+    line_plot(os.path.join(out, f'{name}_curves.png'), [('student 3-step FID (mean over training seeds)', series('fid')),
+                                                        ('student 3-step RMSE to teacher-32', series('rmse'))])
+    steps = sorted(next(iter(summary.values())))
+    shown = steps[1::2] if len(steps) <= 12 else steps[2::3]
+    n_seeds = max(len(v) for c in curves.values() for v in c.values())
+    md = [f'### {title}\n\nStudent 3-step FID during training (teacher 3-step: {start["fid"]:.2f}), mean ± std over '
+          f'{n_seeds} training seed(s).', '', '| strategy | ' + ' | '.join(f'step {st}' for st in shown) + ' |',
+          '|---|' + '---|' * len(shown)]
+    md += [f'| {n} | ' + ' | '.join(fmt(c[st]['fid'], 1) for st in shown) + ' |' for n, c in summary.items()]
+    last = steps[-1]
+    md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '',
+           '| strategy | FID ↓ | RMSE to teacher-32 ↓ | best FID (step) |', '|---|---|---|---|']
+    for n, c in summary.items():
+        best = min(c, key=lambda st: c[st]['fid'][0])
+        md.append(f'| {n} | {fmt(c[last]["fid"])} | {fmt(c[last]["rmse"], 4)} | {c[best]["fid"][0]:.2f} ({best}) |')
+    return md + ['', f'![{title}]({name}_curves.png)', '']
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--root', default='out/ablations', help='where ablations.sh put the runs')
@@ -163,38 +198,11 @@ def main(argv=None):
                     'sample-passes); the EMA weights are scored. Self slice: 25% of each batch, fast/slow EMA targets on '
                     '2/4/8/16-step windows.', rows, rmse_name='RMSE to own 32-step')
 
-    # 4. EMA strategies: the student's 3-step FID and paired RMSE against the training step
-    curves = {}
-    for run in sorted(glob.glob(f'{args.root}/ema/*_s*')):
-        name, s = os.path.basename(run).rsplit('_s', 1)
-        if s not in seeds:
-            continue
-        for path in sorted(glob.glob(f'{run}/snapshots/model_*.safetensors')):
-            step = int(path.rsplit('_', 1)[1].split('.')[0])
-            curves.setdefault(name, {}).setdefault(step, []).append(S.score(load(path), 3))
-        print(f'scored {run}', flush=True)
-    if curves:
-        start = S.score(teacher, 3)  # every run starts at the teacher
-        summary = {n: {st: over_seeds(v) for st, v in sorted(c.items())} for n, c in curves.items()}
-        results['ema'] = summary
-        series = lambda metric: {n: ([0] + list(c), [start[metric]] + [v[metric][0] for v in c.values()])
-                                 for n, c in summary.items()}
-        line_plot(os.path.join(args.out, 'ema_curves.png'),
-                  [('student 3-step FID (mean over training seeds)', series('fid')),
-                   ('student 3-step RMSE to teacher-32', series('rmse'))])
-        steps = sorted(next(iter(summary.values())))
-        md += [f'### EMA strategies\n\nStudent 3-step FID during training (teacher 3-step: {start["fid"]:.2f}), '
-               f'mean ± std over training seeds {seeds}.', '',
-               '| strategy | ' + ' | '.join(f'step {st}' for st in steps[1::2]) + ' |',
-               '|---|' + '---|' * len(steps[1::2])]
-        md += [f'| {n} | ' + ' | '.join(fmt(c[st]['fid'], 1) for st in steps[1::2]) + ' |' for n, c in summary.items()]
-        last = steps[-1]
-        md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '',
-               '| strategy | FID ↓ | RMSE to teacher-32 ↓ | best FID (step) |', '|---|---|---|---|']
-        for n, c in summary.items():
-            best = min(c, key=lambda st: c[st]['fid'][0])
-            md.append(f'| {n} | {fmt(c[last]["fid"])} | {fmt(c[last]["rmse"], 4)} | {c[best]["fid"][0]:.2f} ({best}) |')
-        md += ['', '![EMA curves](ema_curves.png)', '']
+    # 4. EMA strategies: the student's 3-step FID and paired RMSE against the training step (ema/: 300 steps, all
+    # training seeds; ema_long/: 900 steps)
+    start = S.score(teacher, 3)  # every run starts at the teacher
+    for sub, title in (('ema', 'EMA strategies'), ('ema_long', 'EMA strategies, 900 steps')):
+        md += ema_section(S, load, f'{args.root}/{sub}', seeds, start, args.out, sub, title, results)
     text = '\n'.join(md) + '\n'
     print(text)
     with open(os.path.join(args.out, 'ablations.md'), 'w') as f:

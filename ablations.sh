@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on the CPU testbed: EMA strategies, few-shot, progressive distillation, SCFM during pretraining.
 # Needs testbed.sh's data and teacher. Every run is an ordinary train.py call; finished runs are skipped.
-#   bash ablations.sh [ema|fewshot|progressive|pretrain|eval|all]     SEEDS="1337 2" (training seeds) by default
+#   bash ablations.sh [ema|ema_long|fewshot|progressive|pretrain|eval|all]     SEEDS="1337 2" (training seeds) by default
 # Two parts can share the 2 cores: OMP_NUM_THREADS=1 bash ablations.sh ema & OMP_NUM_THREADS=1 bash ablations.sh pretrain
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +27,12 @@ if [[ $what == ema || $what == all ]]; then
     train $O/ema/cyc-25_s$s $a --near_self=slow --ema_reset_every=25           # vanilla-mix + cyclic restarts
     train $O/ema/cyc-100_s$s $a --near_self=slow --ema_reset_every=100
   done
+fi
+if [[ $what == ema_long || $what == all ]]; then  # three of them 3x longer, one seed: does dual overtake later?
+  a="config/digits_scfm.py --seed=1337 --max_iters=900 --snapshot_interval=50 --ckpt_interval=1000"
+  train $O/ema_long/dual_s1337 $a
+  train $O/ema_long/vanilla-mix_s1337 $a --near_self=slow
+  train $O/ema_long/cyc-100_s1337 $a --near_self=slow --ema_reset_every=100
 fi
 if [[ $what == fewshot || $what == all ]]; then
   python data/digits/prepare.py --per_class 1 --out_dir data/digits10

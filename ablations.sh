@@ -54,7 +54,7 @@ if [[ $what == pretrain || $what == all ]]; then
   for s in $SEEDS; do
     train $O/pretrain/fm_s$s config/digits_teacher.py --seed=$s
     train $O/pretrain/scfm_s$s config/digits_pretrain_scfm.py --seed=$s
-    train $O/pretrain/scfm-warm_s$s config/digits_pretrain_scfm_warm.py --seed=$s
+    train $O/pretrain/scfm-warm_s$s config/digits_pretrain_scfm.py --seed=$s --fm_warmup=500 --max_iters=1100
   done
 fi
 if [[ $what == eval || $what == all ]]; then

@@ -149,8 +149,8 @@ def shard_paths(folder):
 def open_buckets(data_dir, cfg):
     """One bucket (a list of shards of one sample shape) for data_dir's own train*.safetensors and one per
     sub-folder holding some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
-    dirs = [data_dir] + sorted(os.path.join(data_dir, d) for d in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
-    buckets = [open_shards(shard_paths(d), cfg) for d in dirs if os.path.isdir(d) and shard_paths(d)]
+    dirs = [data_dir, *sorted(os.path.join(data_dir, d) for d in os.listdir(data_dir))] if os.path.isdir(data_dir) else []
+    buckets = [open_shards(paths, cfg) for d in dirs if os.path.isdir(d) for paths in [shard_paths(d)] if paths]
     if not buckets:
         raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} or its sub-folders '
                                 f'(run data/<name>/prepare.py)')
@@ -388,8 +388,7 @@ def export(step, snapshot=False):
     snapshot=True the student alone as snapshots/<kind>_<step>.safetensors."""
     kind = 'lora' if lora_rank else 'model'
     meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step)}
-    sets = (('', list(trainable.values())),) if snapshot else (('', list(trainable.values())), ('_ema', ema_s))
-    for suffix, ws in sets:
+    for suffix, ws in [('', list(trainable.values()))] + ([] if snapshot else [('_ema', ema_s)]):
         full = {n: w.full_tensor().cpu() for n, w in zip(trainable, ws)}  # collective: every rank calls it
         if lora_rank:
             full = {k: v for n, t in full.items() for k, v in (
@@ -426,6 +425,7 @@ if export_only:
 buckets = open_buckets(data_dir, cfg)
 sizes = [sum(n for _, n in b) for b in buckets]
 shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
+ids = [(M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)) for _, H, W, Lt in shapes]
 for n, (C, H, W, Lt) in zip(sizes, shapes):
     print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
 # a whole batch comes from one bucket: step s uses bucket_of[s] (drawn in proportion to the bucket sizes; numpy's
@@ -458,11 +458,11 @@ while step < max_iters:
     b = int(bucket_of[step])
     C, H, W, Lt = shapes[b]
     img_tokens = (H // 2) * (W // 2)
-    img_ids, txt_ids = M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)  # read by velocity()
+    img_ids, txt_ids = ids[b]  # read by velocity(), with H and W
     idx_global = batch_indices(b, int(pos_of[step]))
     eps_global = torch.randn(batch_size, C, H, W, generator=gen)
-    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio if step >= fm_warmup else 1.0, teacher_ratio, teacher_steps, self_steps, shift_range,
-                     dyn_shift_prob, fm_t, guidance_range)
+    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio if step >= fm_warmup else 1.0, teacher_ratio, teacher_steps,
+                     self_steps, shift_range, dyn_shift_prob, fm_t, guidance_range)
     sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss sum and count per role (fm, teacher, self); total
     for k in range(grad_accum):
         # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world

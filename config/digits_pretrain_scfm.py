@@ -3,6 +3,8 @@
 # No teacher exists yet, so there is no teacher slice. Compare with config/digits_teacher.py at equal compute:
 # a step here costs 3*64 + 2*16 = 224 sample-passes vs 192 for plain FM, so 1030 steps here ~ 1200 steps there.
 # python train.py config/digits_pretrain_scfm.py
+# With a plain-FM warm-up (early EMA targets are meaningless, scfm.md §5), the same compute:
+# python train.py config/digits_pretrain_scfm.py --fm_warmup=500 --max_iters=1100   (500 x 192 + 600 x 224 ~ 1200 x 192)
 out_dir = 'out/digits_pretrain_scfm'
 data_dir = 'data/digits'
 model = 'digits'

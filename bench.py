@@ -2,6 +2,7 @@
 Benchmarks, as ratios against a reference run in the same process (never as timed unit tests).
 
     python bench.py model     # our Flux forward / forward+backward vs diffusers' FluxTransformer2DModel, same weights
+                              # (`python bench.py model float32`: one dtype only)
     python bench.py step      # one SCFM optimizer step vs the official code's way (diffusers + peft, weights swapped)
     python bench.py sample    # a 3-step sample split into text encoding / transformer / decoding, ours vs diffusers
     python bench.py gpu       # FLUX.1-dev-sized transformer (random weights) + Flux AE, 1024x1024, 3 steps, bf16
@@ -28,19 +29,23 @@ CFG = M.FluxConfig(in_channels=64, out_channels=64, vec_in_dim=128, context_in_d
 B, HW, LT = 2, 32, 64  # 32x32 latent -> 16x16 = 256 tokens
 
 
-def time_pair(fa, fb, warmup=1, iters=3):
-    """Median times of two functions run alternately, so load changes on a shared machine hit both alike."""
-    ta, tb = [], []
+def time_pair(fa, fb, warmup=1, iters=4):
+    """Median times of two functions and the median of their per-round ratios. They run alternately, so load changes
+    on a shared machine hit both alike, with the order swapped every round: on this machine the second of two
+    back-to-back runs of the *same* model is 1-5% faster, a bias that a fixed order hands to one side."""
+    times = {fa: [], fb: []}
     for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        if i >= warmup:
-            ta.append(t1 - t0)
-            tb.append(t2 - t1)
-    return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
+        for f in ((fa, fb) if i % 2 == 0 else (fb, fa)):
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                times[f].append(time.perf_counter() - t0)
+    return median(times[fa]), median(times[fb]), median([a / b for a, b in zip(times[fa], times[fb])])
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def timeit(fn, warmup=1, iters=3):
@@ -51,7 +56,7 @@ def timeit(fn, warmup=1, iters=3):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]  # median
+    return median(times)
 
 
 def random_model():
@@ -80,31 +85,41 @@ def inputs(dtype):
     return img, M.make_img_ids(HW, HW), txt, M.make_txt_ids(LT), t, y, g
 
 
-def bench_model():
+def bench_model(dtypes='float32,bfloat16'):
     ours = random_model()
     with tempfile.TemporaryDirectory() as tmp:
         ref = diffusers_twin(ours, tmp)
+    twin = random_model()  # an identical copy of ours: ours vs ours measures the noise of a ratio on this machine
+    twin.load_state_dict(ours.state_dict())
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        ours.to(dtype), ref.to(dtype)
+    for dtype, n_fwd, n_fb in ((torch.float32, 24, 10), (torch.bfloat16, 6, 4)):
+        if str(dtype).removeprefix('torch.') not in dtypes.split(','):
+            continue
+        ours.to(dtype), ref.to(dtype), twin.to(dtype)
         img, iid, txt, tid, t, y, g = inputs(dtype)
         run_ours = lambda: ours(img, iid, txt, tid, t, y, g)
+        run_twin = lambda: twin(img, iid, txt, tid, t, y, g)
         run_ref = lambda: ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
                               img_ids=iid, txt_ids=tid, guidance=g, return_dict=False)[0]
+        fwd_bwd = lambda run: lambda: run().float().square().mean().backward()
+        name = str(dtype).removeprefix('torch.')
         with torch.no_grad():
             err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
-            f_ours, f_ref = time_pair(run_ours, run_ref)
-        fb_ours, fb_ref = time_pair(lambda: run_ours().float().square().mean().backward(),
-                                    lambda: run_ref().float().square().mean().backward())
-        name = str(dtype).removeprefix('torch.')
-        rows.append((name, 'forward', f_ours, f_ref, err))
-        rows.append((name, 'forward+backward', fb_ours, fb_ref, err))
+            rows.append((name, 'forward', *time_pair(run_ours, run_ref, iters=n_fwd), err))
+        rows.append((name, 'forward+backward', *time_pair(fwd_bwd(run_ours), fwd_bwd(run_ref), iters=n_fb), err))
+        if dtype == torch.float32:
+            with torch.no_grad():
+                rows.append((name, 'forward, ours vs a copy of ours', *time_pair(run_ours, run_twin, iters=n_fwd), 0))
+            rows.append((name, 'forward+backward, ours vs a copy', *time_pair(fwd_bwd(run_ours), fwd_bwd(run_twin),
+                                                                                iters=n_fb), 0))
     print(f'Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, {(HW // 2) ** 2} image + '
-          f'{LT} text tokens, batch {B}, {torch.get_num_threads()} CPU threads (median of 3)\n')
+          f'{LT} text tokens, batch {B}, {torch.get_num_threads()} CPU threads; ours and diffusers alternate, order '
+          f'swapped each round; times are medians, the ratio is the median of per-round ratios (rounds: float32 '
+          f'24 forward / 10 forward+backward, bfloat16 6 / 4)\n')
     print('| dtype | pass | ours (ms) | diffusers (ms) | ratio ours/diffusers | rel. error |')
     print('|---|---|---|---|---|---|')
-    for name, what, a, b, err in rows:
-        print(f'| {name} | {what} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} | {err:.1e} |')
+    for name, what, a, b, ratio, err in rows:
+        print(f'| {name} | {what} | {a * 1e3:.1f} | {b * 1e3:.1f} | {ratio:.2f} | {err:.1e} |')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,13 +272,14 @@ def bench_sample(steps=3, size=256):
         z = ours_transformer()
         err = ((z - ref_transformer()).norm() / z.norm()).item()
         t_enc = timeit(encode)
-        t_tr, r_tr = time_pair(ours_transformer, ref_transformer)
-        t_dec, r_dec = time_pair(lambda: ae.decode(z), lambda: vae.decode(z / vae.config.scaling_factor
+        t_tr, r_tr, _ = time_pair(ours_transformer, ref_transformer)
+        t_dec, r_dec, _ = time_pair(lambda: ae.decode(z), lambda: vae.decode(z / vae.config.scaling_factor
                                                                           + vae.config.shift_factor).sample)
     total, ref_total = t_enc + t_tr + t_dec, t_enc + r_tr + r_dec
     print(f'{steps}-step sample at {size}x{size} px, batch 1: T5 (d 256, 4 layers, 512 tokens) + CLIP (d 128, 4 layers), '
           f'Flux hidden {CFG.hidden_size} {CFG.depth}+{CFG.depth_single_blocks} blocks, tiny Flux AE; '
-          f'{torch.get_num_threads()} CPU threads, median of 3; latent rel. error ours vs diffusers {err:.1e}\n')
+          f'{torch.get_num_threads()} CPU threads, medians, ours/diffusers order alternated; latent rel. error ours vs '
+          f'diffusers {err:.1e}\n')
     print('| stage | ours (ms) | share of ours | diffusers (ms) | ratio ours/diffusers |')
     print('|---|---|---|---|---|')
     for name, a, b in (('text encoding (transformers T5 + CLIP, shared)', t_enc, t_enc),

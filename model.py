@@ -68,7 +68,7 @@ def rope(pos, dim, theta):
 
 
 def apply_rope(x, pe):
-    # x: (B, H, L, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32.
+    # x: (B, L, H, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32.
     # pe = (cos, sin) repeated to D: (c, c), (s, s) per pair; rotate-half of interleaved pairs is (-x1, x0)
     cos, sin = pe
     xf = x.float()
@@ -78,9 +78,47 @@ def apply_rope(x, pe):
 
 
 def attention(q, k, v, pe):
+    # q, k, v: (B, L, H, D), contiguous, so RoPE's elementwise ops vectorise; SDPA takes (B, H, L, D) views and its
+    # output comes back laid out as (B, L, H, D), so "B H L D -> B L (H D)" is a view, not a copy
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
-    return x.transpose(1, 2).flatten(2)  # B H L D -> B L (H D)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return x.transpose(1, 2).flatten(2)
+
+class _CPULinear(torch.autograd.Function):
+    # F.linear whose input gradient multiplies by a column-major copy of the weight. Autograd's grad @ weight has
+    # both operands row-major, and on CPUs without bf16 instructions PyTorch's bf16 matmul falls back to a kernel
+    # that is 10-25x slower in that layout than with one operand transposed (bench.py model shows the effect).
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ weight.t().contiguous().t() if ctx.needs_input_grad[0] else None
+        grad_w = grad2d.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias=None):
+    if x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled():
+        return _CPULinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)  # GPUs and fp32 BLAS are fast in every layout
+
+
+class Linear(nn.Linear):
+    def forward(self, x, split=None):
+        # split: output sizes -> one output per row block of the weight, each its own matmul. BFL fuses q, k, v (and
+        # in single blocks the MLP input) into one weight; separate matmuls give the same numbers and, on the CPU
+        # BLAS measured in bench.py model, run faster than one wide product
+        if split is None:
+            return linear(x, self.weight, self.bias)
+        biases = self.bias.split(split) if self.bias is not None else [None] * len(split)
+        return [linear(x, w, b) for w, b in zip(self.weight.split(split), biases)]
 
 
 def layer_norm(x):
@@ -112,8 +150,8 @@ class QKNorm(nn.Module):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim, hidden_dim):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim)
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+        self.in_layer = Linear(in_dim, hidden_dim)
+        self.out_layer = Linear(hidden_dim, hidden_dim)
 
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -124,29 +162,32 @@ class Modulation(nn.Module):
     def __init__(self, dim, n):
         super().__init__()
         self.n = n
-        self.lin = nn.Linear(dim, n * dim)
+        self.lin = Linear(dim, n * dim)
 
     def forward(self, vec):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
 
 
-class SelfAttention(nn.Module):  # only the parameters; the joint attention happens in the block
+class SelfAttention(nn.Module):  # the parameters and q, k, v; the joint attention happens in the block
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.num_heads, self.dim = num_heads, dim
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = (heads(a, self.num_heads) for a in self.qkv(x, split=[self.dim] * 3))
+        q, k = self.norm(q, k, v)
+        return q, k, v
 
 
-def split_qkv(qkv, num_heads):
-    # "B L (K H D) -> K B H L D": the feature index is k*hidden + head*head_dim + d
-    B, L, _ = qkv.shape
-    return qkv.view(B, L, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+def heads(x, num_heads):
+    return x.unflatten(-1, (num_heads, -1))  # "B L (H D) -> B L H D"
 
 
 def mlp(dim, hidden):
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim))
+    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate='tanh'), Linear(hidden, dim))
 
 
 def modulate(x, shift, scale):
@@ -168,11 +209,9 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, pe):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        iq, ik, iv = split_qkv(self.img_attn.qkv(modulate(img, i_shift1, i_scale1)), self.num_heads)
-        iq, ik = self.img_attn.norm(iq, ik, iv)
-        tq, tk, tv = split_qkv(self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1)), self.num_heads)
-        tq, tk = self.txt_attn.norm(tq, tk, tv)
-        attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
+        attn = attention(torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1), pe)
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
@@ -187,15 +226,15 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads, self.dim = num_heads, dim
         self.mlp_hidden = int(dim * mlp_ratio)
-        self.linear1 = nn.Linear(dim, dim * 3 + self.mlp_hidden)
-        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.linear1 = Linear(dim, dim * 3 + self.mlp_hidden)
+        self.linear2 = Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 3)
 
     def forward(self, x, vec, pe):
         shift, scale, gate = self.modulation(vec)
-        qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = split_qkv(qkv, self.num_heads)
+        q, k, v, h = self.linear1(modulate(x, shift, scale), split=[self.dim] * 3 + [self.mlp_hidden])
+        q, k, v = heads(q, self.num_heads), heads(k, self.num_heads), heads(v, self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(h, approximate='tanh')), 2))
         return x + gate * out
@@ -204,8 +243,8 @@ class SingleStreamBlock(nn.Module):
 class LastLayer(nn.Module):
     def __init__(self, dim, out_channels):
         super().__init__()
-        self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # BFL order: shift first (diffusers swaps)
@@ -225,11 +264,11 @@ class Flux(nn.Module):
         c = self.config = config
         assert c.hidden_size % c.num_heads == 0, 'hidden_size must be divisible by num_heads'
         assert sum(c.axes_dim) == c.hidden_size // c.num_heads, f'axes_dim {c.axes_dim} must sum to head_dim'
-        self.img_in = nn.Linear(c.in_channels, c.hidden_size)
+        self.img_in = Linear(c.in_channels, c.hidden_size)
         self.time_in = MLPEmbedder(256, c.hidden_size)
         self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
         self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
-        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
+        self.txt_in = Linear(c.context_in_dim, c.hidden_size)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qkv_bias)
                                            for _ in range(c.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio)
@@ -289,8 +328,8 @@ class Flux(nn.Module):
         c = self.config
         pe = torch.cat([rope(ids[..., i], c.axes_dim[i], c.theta) for i in range(3)], dim=-3)  # (B, L, D/2, 2, 2)
         cos, sin = pe[..., 0, 0], pe[..., 1, 0]  # the rotation [[cos, -sin], [sin, cos]] of each pair
-        # (B, 1, L, head_dim), each angle repeated for both members of its pair: plain contiguous elementwise ops
-        return cos.repeat_interleave(2, -1).unsqueeze(1), sin.repeat_interleave(2, -1).unsqueeze(1)
+        # (B, L, 1, head_dim), each angle repeated for both members of its pair: plain contiguous elementwise ops
+        return cos.repeat_interleave(2, -1).unsqueeze(2), sin.repeat_interleave(2, -1).unsqueeze(2)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -347,7 +386,7 @@ LORA_ALL = r'.*'
 LORA_ATTN_MLP = r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$'
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     def __init__(self, in_features, out_features, bias=True, rank=4, alpha=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank, self.alpha, self.scale = rank, float(alpha if alpha is not None else rank), 1.0
@@ -359,11 +398,14 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
+    def forward(self, x, split=None):
+        out = super().forward(x, split)
         if self.scale == 0:
             return out
-        return out + (self.scale * self.alpha / self.rank) * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        down, factor = linear(x, self.lora_A), self.scale * self.alpha / self.rank
+        if split is None:
+            return out + factor * linear(down, self.lora_B)
+        return [o + factor * linear(down, up) for o, up in zip(out, self.lora_B.split(split))]
 
 
 def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
@@ -371,7 +413,7 @@ def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
     Base weights are kept (same tensors, same names); works on the meta device too. Returns the wrapped names."""
     names = []
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and re.fullmatch(targets, name):
+        if type(module) in (nn.Linear, Linear) and re.fullmatch(targets, name):
             lora = LoRALinear(module.in_features, module.out_features, module.bias is not None, rank, alpha,
                               device=module.weight.device, dtype=module.weight.dtype)
             lora.weight, lora.bias = module.weight, module.bias

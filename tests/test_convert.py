@@ -311,6 +311,34 @@ def test_lora_kohya_round_trip(lora_setup):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The CPU bf16 linear (a faster layout for the input gradient) computes autograd's gradients
+
+def test_cpu_linear_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model._CPULinear.apply, (x, w, b))  # finite differences, float64
+    assert torch.autograd.gradcheck(model._CPULinear.apply, (x, w, None))
+
+    # in bf16 on CPU model.Linear takes that path; its gradients equal F.linear's up to bf16 rounding
+    lin = model.Linear(64, 96).to(torch.bfloat16)
+    xb = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    gb = torch.randn(3, 10, 96, dtype=torch.bfloat16)
+    y = lin(xb)
+    assert type(y.grad_fn).__name__ == "_CPULinearBackward"
+    y.backward(gb)
+    ours = [xb.grad, lin.weight.grad, lin.bias.grad]
+    xr = xb.detach().float().requires_grad_()
+    wr, br = lin.weight.detach().float().requires_grad_(), lin.bias.detach().float().requires_grad_()
+    torch.nn.functional.linear(xr, wr, br).backward(gb.float())
+    for a, r in zip(ours, [xr.grad, wr.grad, br.grad]):
+        assert a.dtype == torch.bfloat16 and rel(a, r) < 1e-2
+    fp32 = model.Linear(64, 96)(torch.randn(3, 64, requires_grad=True))
+    assert type(fp32.grad_fn).__name__ == "AddmmBackward0"  # fp32 keeps F.linear
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Streaming: peak RSS well below the checkpoint size
 
 RSS_CHILD = r"""

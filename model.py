@@ -84,6 +84,7 @@ def attention(q, k, v, pe):
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)
 
+
 class _CPULinear(torch.autograd.Function):
     # F.linear whose input gradient multiplies by a column-major copy of the weight. Autograd's grad @ weight has
     # both operands row-major, and on CPUs without bf16 instructions PyTorch's bf16 matmul falls back to a kernel

@@ -31,8 +31,8 @@ B, HW, LT = 2, 32, 64  # 32x32 latent -> 16x16 = 256 tokens
 
 def time_pair(fa, fb, warmup=1, iters=4):
     """Median times of two functions and the median of their per-round ratios. They run alternately, so load changes
-    on a shared machine hit both alike, with the order swapped every round: on this machine the second of two
-    back-to-back runs of the *same* model is 1-5% faster, a bias that a fixed order hands to one side."""
+    on a shared machine hit both alike, with the order swapped every round: in a by-hand check the second of two
+    back-to-back runs of the *same* model was faster, a bias that a fixed order hands to one side."""
     times = {fa: [], fb: []}
     for i in range(warmup + iters):
         for f in ((fa, fb) if i % 2 == 0 else (fb, fa)):
@@ -85,6 +85,9 @@ def inputs(dtype):
     return img, M.make_img_ids(HW, HW), txt, M.make_txt_ids(LT), t, y, g
 
 
+ROUNDS = {'float32': (24, 10), 'bfloat16': (12, 4)}  # forward, forward+backward rounds per dtype
+
+
 def bench_model(dtypes='float32,bfloat16'):
     ours = random_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,9 +95,10 @@ def bench_model(dtypes='float32,bfloat16'):
     twin = random_model()  # an identical copy of ours: ours vs ours measures the noise of a ratio on this machine
     twin.load_state_dict(ours.state_dict())
     rows = []
-    for dtype, n_fwd, n_fb in ((torch.float32, 24, 10), (torch.bfloat16, 12, 4)):
-        if str(dtype).removeprefix('torch.') not in dtypes.split(','):
+    for name, (n_fwd, n_fb) in ROUNDS.items():
+        if name not in dtypes.split(','):
             continue
+        dtype = getattr(torch, name)
         ours.to(dtype), ref.to(dtype), twin.to(dtype)
         img, iid, txt, tid, t, y, g = inputs(dtype)
         run_ours = lambda: ours(img, iid, txt, tid, t, y, g)
@@ -102,7 +106,6 @@ def bench_model(dtypes='float32,bfloat16'):
         run_ref = lambda: ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
                               img_ids=iid, txt_ids=tid, guidance=g, return_dict=False)[0]
         fwd_bwd = lambda run: lambda: run().float().square().mean().backward()
-        name = str(dtype).removeprefix('torch.')
         with torch.no_grad():
             err = ((run_ours().float() - run_ref().float()).norm() / run_ref().float().norm()).item()
             rows.append((name, 'forward', *time_pair(run_ours, run_ref, iters=n_fwd), err))
@@ -114,8 +117,8 @@ def bench_model(dtypes='float32,bfloat16'):
                                                                                 iters=n_fb), 0))
     print(f'Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, {(HW // 2) ** 2} image + '
           f'{LT} text tokens, batch {B}, {torch.get_num_threads()} CPU threads; ours and diffusers alternate, order '
-          f'swapped each round; times are medians, the ratio is the median of per-round ratios (rounds: float32 '
-          f'24 forward / 10 forward+backward, bfloat16 12 / 4)\n')
+          f'swapped each round; times are medians, the ratio is the median of per-round ratios (forward, '
+          f'forward+backward rounds: {ROUNDS})\n')
     print('| dtype | pass | ours (ms) | diffusers (ms) | ratio ours/diffusers | rel. error |')
     print('|---|---|---|---|---|---|')
     for name, what, a, b, ratio, err in rows:

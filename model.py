@@ -88,7 +88,7 @@ def attention(q, k, v, pe):
 class _CPULinear(torch.autograd.Function):
     # F.linear whose input gradient multiplies by a column-major copy of the weight. Autograd's grad @ weight has
     # both operands row-major, and on CPUs without bf16 instructions PyTorch's bf16 matmul falls back to a kernel
-    # that is 10-25x slower in that layout than with one operand transposed (bench.py model shows the effect).
+    # that is an order of magnitude slower in that layout than with one operand transposed (bench.py model, bf16).
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)

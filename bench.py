@@ -6,9 +6,12 @@ Benchmarks, as ratios against a reference run in the same process (never as time
     python bench.py step      # one SCFM optimizer step vs the official code's way (diffusers + peft, weights swapped)
     python bench.py sample    # a 3-step sample split into text encoding / transformer / decoding, ours vs diffusers
     python bench.py gpu       # FLUX.1-dev-sized transformer (random weights) + Flux AE, 1024x1024, 3 steps, bf16
+    python bench.py gpu-model # forward, forward+backward at FLUX.1-dev width vs diffusers, bf16 on the GPU
+    python bench.py gpu-train # train.py config/flux3.py on one GPU, random FLUX.1-dev: step time, MFU, peak memory
 
 Needs the dev requirements (diffusers; peft for `step`). Results go to stdout as a markdown table.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,8 +62,8 @@ def timeit(fn, warmup=1, iters=3):
     return median(times)
 
 
-def random_model():
-    net = M.Flux(CFG)
+def random_model(cfg=CFG):
+    net = M.Flux(cfg)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
@@ -71,16 +74,16 @@ def diffusers_twin(net, tmp):
     """The same weights in diffusers' FluxTransformer2DModel, through convert_weights (BFL file -> diffusers folder)."""
     import convert_weights
     from diffusers import FluxTransformer2DModel
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
-              metadata={'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(CFG))})
+    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
+              metadata={'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(net.config))})
     convert_weights.convert(f'{tmp}/ours.safetensors', f'{tmp}/diffusers', to='diffusers')
     return FluxTransformer2DModel.from_pretrained(f'{tmp}/diffusers')
 
 
-def inputs(dtype):
-    img = torch.randn(B, (HW // 2) ** 2, CFG.in_channels, dtype=dtype)
-    txt = torch.randn(B, LT, CFG.context_in_dim, dtype=dtype)
-    y = torch.randn(B, CFG.vec_in_dim, dtype=dtype)
+def inputs(dtype, cfg=CFG, B=B, HW=HW, LT=LT):
+    img = torch.randn(B, (HW // 2) ** 2, cfg.in_channels, dtype=dtype)
+    txt = torch.randn(B, LT, cfg.context_in_dim, dtype=dtype)
+    y = torch.randn(B, cfg.vec_in_dim, dtype=dtype)
     t, g = torch.rand(B, dtype=dtype), torch.full((B,), 3.5, dtype=dtype)
     return img, M.make_img_ids(HW, HW), txt, M.make_txt_ids(LT), t, y, g
 
@@ -291,8 +294,25 @@ def bench_sample(steps=3, size=256):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the GPU latency target (issue 5): transformer + decode of a 3-step 1024x1024 sample, bf16, random weights of the
-# real sizes. `python bench.py gpu small cpu 64` runs the same code on a small model as a check without a GPU.
+# GPU benchmarks, bf16, random weights of FLUX.1-dev's sizes (issues 3 and 5; the card is printed):
+#   gpu        3-step 1024x1024 transformer + AE decode latency, ours as shipped and with fused_matmuls()
+#   gpu-model  forward and forward+backward at FLUX.1-dev width (1 double + 2 single blocks) vs diffusers
+#   gpu-train  train.py config/flux3.py on one GPU (LoRA 64 on a random FLUX.1-dev, 512 px): step time, MFU, memory
+# Without a GPU, as a check of the code: `python bench.py gpu small cpu 64`, `gpu-model tiny cpu`, `gpu-train tiny cpu 4`.
+
+
+@contextlib.contextmanager
+def fused_matmuls():
+    """Ours with one matmul per fused BFL weight (qkv, linear1), split afterwards, instead of Linear's one matmul per
+    row block: which of the two is faster depends on the BLAS."""
+    def forward(self, x, split=None):
+        out = M.linear(x, self.weight, self.bias)
+        return out if split is None else out.split(split, -1)
+    plain, M.Linear.forward = M.Linear.forward, forward
+    try:
+        yield
+    finally:
+        M.Linear.forward = plain
 
 
 def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3):
@@ -309,29 +329,120 @@ def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3):
     txt = torch.randn(1, 512, cfg.context_in_dim, device=device)
     y, noise = torch.randn(1, cfg.vec_in_dim, device=device), torch.randn(1, cfg.in_channels // 4, h, w, device=device)
 
-    def run():
-        sync()
-        t0 = time.perf_counter()
-        z = sample.generate(net, None, txt, y, noise, steps, 3.0)
-        sync()
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            ae.decode(z.to(dtype))
-        sync()
-        return t1 - t0, time.perf_counter() - t1
+    def run(fused):
+        with fused_matmuls() if fused else contextlib.nullcontext():
+            sync()
+            t0 = time.perf_counter()
+            z = sample.generate(net, None, txt, y, noise, steps, 3.0)
+            sync()
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                ae.decode(z.to(dtype))
+            sync()
+            return t1 - t0, time.perf_counter() - t1
 
-    run()  # warm-up (kernel selection, allocator)
-    times = sorted(run() for _ in range(5))
-    tr, dec = times[len(times) // 2]
-    name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
+    times = {False: [], True: []}
+    for i in range(6):  # round 0 warms up (kernel selection, allocator); the variants alternate
+        for fused in ((False, True) if i % 2 else (True, False)):
+            t = run(fused)
+            if i:
+                times[fused].append(t)
+    name = device_name(device)
     print(f'{preset} transformer ({sum(p.numel() for p in net.parameters()) / 1e9:.2f}B params) + AE decode, '
-          f'{size}x{size}, {steps} steps, batch 1, bf16, on {name} (median of 5 after a warm-up)\n')
-    print('| transformer (s) | decode (s) | transformer + decode (s) | peak memory (GB) |')
-    print('|---|---|---|---|')
+          f'{size}x{size}, {steps} steps, batch 1, bf16, on {name} (medians of 5 after a warm-up, variants alternated)\n')
+    print('| matmuls | transformer (s) | decode (s) | transformer + decode (s) | peak memory (GB) |')
+    print('|---|---|---|---|---|')
     mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith('cuda') else float('nan')
-    print(f'| {tr:.3f} | {dec:.3f} | {tr + dec:.3f} | {mem:.1f} |')
+    for fused, label in ((False, 'as shipped (one per q/k/v/MLP block)'), (True, 'one per fused BFL weight')):
+        tr, dec = median([t[0] for t in times[fused]]), median([t[1] for t in times[fused]])
+        print(f'| {label} | {tr:.3f} | {dec:.3f} | {tr + dec:.3f} | {mem:.1f} |')
+
+
+def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2):
+    cfg = dataclasses.replace(M.PRESETS[preset], depth=int(depth), depth_single_blocks=int(single))
+    B, HW, LT = int(batch), 64, 512  # 512 px: 1024 image tokens, 512 T5 tokens
+    with torch.device(device):
+        ours = random_model(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = diffusers_twin(ours, tmp).to(device)
+    img, iid, txt, tid, t, y, g = (a.to(device) for a in inputs(torch.float32, cfg, B, HW, LT))
+    run_ours = lambda: ours(img, iid, txt, tid, t, y, g)
+    run_ref = lambda: ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                          img_ids=iid, txt_ids=tid, guidance=g, return_dict=False)[0]
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    with torch.no_grad():
+        err32 = rel(run_ours(), run_ref())
+        ours.bfloat16(), ref.bfloat16()
+        img, txt, t, y, g = (a.bfloat16() for a in (img, txt, t, y, g))
+        err16 = rel(run_ours(), run_ref())
+
+    def synced(f):
+        return lambda: (f(), device == 'cpu' or torch.cuda.synchronize())
+
+    def run_fused():
+        with fused_matmuls():
+            return run_ours()
+
+    fwd_bwd = lambda run: lambda: run().float().square().mean().backward()
+    rows = []
+    for what, wrap, n in (('forward', torch.no_grad, 50), ('forward+backward', contextlib.nullcontext, 25)):
+        with wrap():
+            f = (lambda r: r) if what == 'forward' else fwd_bwd
+            rows.append((what, 'diffusers', *time_pair(synced(f(run_ours)), synced(f(run_ref)), 3, n)))
+            rows.append((what, 'ours, fused_matmuls()', *time_pair(synced(f(run_ours)), synced(f(run_fused)), 3, n)))
+    print(f'{preset} width, {cfg.depth}+{cfg.depth_single_blocks} blocks ({ours.num_params() / 1e9:.2f}B params), '
+          f'{(HW // 2) ** 2} image + {LT} text tokens, batch {B}, bf16, on {device_name(device)}; rel. error ours vs diffusers: {err32:.1e} in float32, {err16:.1e} in bf16 '
+          f'(medians; order swapped each round)\n')
+    print('| pass | ours as shipped vs | ours (ms) | other (ms) | ratio ours/other |')
+    print('|---|---|---|---|---|')
+    for what, other, a, b, ratio in rows:
+        print(f'| {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} |')
+
+
+def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, iters=5):
+    """Writes a random bf16 model (24 GB for FLUX.1-dev) and one shard of random 512 px data, then runs train.py."""
+    import re
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device('meta'):
+            net = M.Flux(M.PRESETS[preset])
+        cfg, net = net.config, net.to(torch.bfloat16).to_empty(device=device)
+        with torch.no_grad():  # no zero-initialised layers: zero outputs and gradients would flatter the matmuls
+            for p in net.parameters():
+                p.normal_(0, 0.02)
+        save_file({k: v.cpu() for k, v in net.state_dict().items()}, f'{tmp}/base.safetensors')
+        del net
+        g, n = torch.Generator().manual_seed(0), int(batch)
+        os.makedirs(f'{tmp}/data')
+        save_file({'x0': torch.randn(n, cfg.in_channels // 4, 64, 64, generator=g),
+                   'txt': torch.randn(n, 512, cfg.context_in_dim, generator=g),
+                   'y': torch.randn(n, cfg.vec_in_dim, generator=g)}, f'{tmp}/data/train_000.safetensors')
+        cmd = [sys.executable, 'train.py', 'config/flux3.py', f'--init_from={tmp}/base.safetensors', f'--model={preset}',
+               f'--device={device}', f'--data_dir={tmp}/data', f'--out_dir={tmp}/out', f'--batch_size={batch}',
+               f'--grad_accum={grad_accum}', f'--max_iters={iters}', '--log_interval=1', '--ckpt_interval=100000']
+        log = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:
+                print(line, end='', flush=True)
+                log.append(line)
+        if p.returncode:
+            raise SystemExit(f'train.py failed ({p.returncode})')
+    steps = [dict(re.findall(r'(\w+) ([0-9.e+-]+)', l.split(':', 1)[1])) for l in log if re.match(r'step \d+:', l)]
+    m = lambda k: median([float(s[k]) for s in steps[2:]])  # after 2 warm-up steps
+    print(f'\ntrain.py config/flux3.py, random {preset} weights, LoRA rank 64 on every linear, grad_ckpt, 512 px '
+          f'(1024 + 512 tokens), batch {batch} (grad_accum {grad_accum}), bf16, 1 process on '
+          f'{device_name(device)}; medians of steps 3-{iters}; MFU against 989 TFLOP/s dense bf16\n')
+    print('| step time (s) | steps/s | images/s | MFU | peak memory (GB) |')
+    print('|---|---|---|---|---|')
+    print(f'| {m("step_time"):.2f} | {1 / m("step_time"):.3f} | {m("img_per_s"):.2f} | {100 * m("mfu"):.1f}% | '
+          f'{max(float(s.get("peak_mem_gb", "nan")) for s in steps):.1f} |')
+
+
+def device_name(device):
+    return torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
 
 
 if __name__ == '__main__':
     what = sys.argv[1] if len(sys.argv) > 1 else 'model'
-    {'model': bench_model, 'step': bench_step, 'sample': bench_sample, 'gpu': bench_gpu}[what](*sys.argv[2:])
+    {'model': bench_model, 'step': bench_step, 'sample': bench_sample, 'gpu': bench_gpu,
+     'gpu-model': bench_gpu_model, 'gpu-train': bench_gpu_train}[what](*sys.argv[2:])

@@ -253,10 +253,19 @@ def initial_weights():
             src[n] = (lambda k=keys[n]: f.get_tensor(k).float())
     if len(src) < len(params):
         torch.manual_seed(seed)
-        ref = M.Flux(cfg)
-        if lora_rank:
-            M.apply_lora(ref, lora_rank, lora_alpha, lora_targets)
-        ref.init_weights()
+        # with init_from only the LoRA factors need values: the base stays on the meta device (a full fp32 CPU copy
+        # of FLUX.1-dev would be 48 GB on every rank)
+        with torch.device('meta' if src else 'cpu'):
+            ref = M.Flux(cfg)
+            if lora_rank:
+                M.apply_lora(ref, lora_rank, lora_alpha, lora_targets)
+        if src:
+            for m in ref.modules():
+                if isinstance(m, M.LoRALinear):
+                    m.lora_A, m.lora_B = (torch.nn.Parameter(torch.empty(p.shape)) for p in (m.lora_A, m.lora_B))
+                    m.reset_lora()
+        else:
+            ref.init_weights()
         for n, p in ref.named_parameters():
             src.setdefault(n, (lambda p=p: p.detach()))
     return src
@@ -511,6 +520,8 @@ while step < max_iters:
         mfu = net.estimate_mfu((3 * batch_size + 2 * n_short) / 3 / dt, img_tokens, Lt, peak_flops)
         log = dict(loss=loss, loss_fm=part(0), loss_teacher=part(1), loss_self=part(2), grad_norm=grad_norm,
                    lr=get_lr(step - 1), tokens=img_tokens, step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
+        if device_type == 'cuda':
+            log['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9
         bar.set_postfix(loss=f'{loss:.4f}', gn=f'{grad_norm:.3f}')
         print0(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in log.items()))
         if wandb_log and master:

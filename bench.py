@@ -295,7 +295,7 @@ def bench_sample(steps=3, size=256):
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU benchmarks, bf16, random weights of FLUX.1-dev's sizes (issues 3 and 5; the card is printed):
-#   gpu        3-step 1024x1024 transformer + AE decode latency, ours as shipped and with fused_matmuls()
+#   gpu        3-step 1024x1024 transformer + AE decode latency: eager, compiled, decode with cuDNN autotuning
 #   gpu-model  forward and forward+backward at FLUX.1-dev width (1 double + 2 single blocks) vs diffusers
 #   gpu-train  train.py config/flux3.py on one GPU (LoRA 64 on a random FLUX.1-dev, 512 px): step time, MFU, memory
 # Without a GPU, as a check of the code: `python bench.py gpu small cpu 64`, `gpu-model tiny cpu`, `gpu-train tiny cpu 4`.
@@ -315,9 +315,9 @@ def fused_matmuls():
         M.Linear.forward = plain
 
 
-def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3):
+def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
     import sample
-    size, dtype = int(size), torch.bfloat16
+    size, steps, dtype = int(size), int(steps), torch.bfloat16
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     with torch.device('meta'):
         net, ae = M.Flux(M.PRESETS[preset]), M.AutoEncoder(M.AE_PRESETS['flux' if preset.startswith('flux') else 'tiny'])
@@ -329,33 +329,35 @@ def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3):
     txt = torch.randn(1, 512, cfg.context_in_dim, device=device)
     y, noise = torch.randn(1, cfg.vec_in_dim, device=device), torch.randn(1, cfg.in_channels // 4, h, w, device=device)
 
-    def run(fused):
-        with fused_matmuls() if fused else contextlib.nullcontext():
+    def timed(fn):
+        def run():
             sync()
             t0 = time.perf_counter()
-            z = sample.generate(net, None, txt, y, noise, steps, 3.0)
-            sync()
-            t1 = time.perf_counter()
             with torch.no_grad():
-                ae.decode(z.to(dtype))
+                fn()
             sync()
-            return t1 - t0, time.perf_counter() - t1
+            return time.perf_counter() - t0
+        run()  # warm-up: kernel selection, allocator, compilation
+        return median([run() for _ in range(5)])
 
-    times = {False: [], True: []}
-    for i in range(6):  # round 0 warms up (kernel selection, allocator); the variants alternate
-        for fused in ((False, True) if i % 2 else (True, False)):
-            t = run(fused)
-            if i:
-                times[fused].append(t)
-    name = device_name(device)
+    z = sample.generate(net, None, txt, y, noise, steps, 3.0).to(dtype)
+    transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
     print(f'{preset} transformer ({sum(p.numel() for p in net.parameters()) / 1e9:.2f}B params) + AE decode, '
-          f'{size}x{size}, {steps} steps, batch 1, bf16, on {name} (medians of 5 after a warm-up, variants alternated)\n')
-    print('| matmuls | transformer (s) | decode (s) | transformer + decode (s) | peak memory (GB) |')
-    print('|---|---|---|---|---|')
-    mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith('cuda') else float('nan')
-    for fused, label in ((False, 'as shipped (one per q/k/v/MLP block)'), (True, 'one per fused BFL weight')):
-        tr, dec = median([t[0] for t in times[fused]]), median([t[1] for t in times[fused]])
-        print(f'| {label} | {tr:.3f} | {dec:.3f} | {tr + dec:.3f} | {mem:.1f} |')
+          f'{size}x{size}, {steps} steps, batch 1, bf16, on {device_name(device)} (medians of 5 after a warm-up)\n')
+    print('| stage | variant | time (s) |\n|---|---|---|')
+    print(f'| transformer | eager | {timed(transformer):.3f} |', flush=True)
+    for label, bench, channels_last in (('eager', False, False), ('cudnn.benchmark', True, False),
+                                        ('cudnn.benchmark + channels_last', True, True)):
+        torch.backends.cudnn.benchmark = bench
+        if channels_last:
+            ae, z = ae.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+        print(f'| decode | {label} | {timed(lambda: ae.decode(z)):.3f} |', flush=True)
+    if int(compile):
+        for block in [*net.double_blocks, *net.single_blocks]:
+            block.compile()
+        print(f'| transformer | blocks compiled (torch.compile) | {timed(transformer):.3f} |', flush=True)
+    if device.startswith('cuda'):
+        print(f'\npeak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB')
 
 
 def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2):
@@ -384,19 +386,17 @@ def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2
             return run_ours()
 
     fwd_bwd = lambda run: lambda: run().float().square().mean().backward()
-    rows = []
-    for what, wrap, n in (('forward', torch.no_grad, 50), ('forward+backward', contextlib.nullcontext, 25)):
-        with wrap():
-            f = (lambda r: r) if what == 'forward' else fwd_bwd
-            rows.append((what, 'diffusers', *time_pair(synced(f(run_ours)), synced(f(run_ref)), 3, n)))
-            rows.append((what, 'ours, fused_matmuls()', *time_pair(synced(f(run_ours)), synced(f(run_fused)), 3, n)))
     print(f'{preset} width, {cfg.depth}+{cfg.depth_single_blocks} blocks ({ours.num_params() / 1e9:.2f}B params), '
           f'{(HW // 2) ** 2} image + {LT} text tokens, batch {B}, bf16, on {device_name(device)}; rel. error ours vs diffusers: {err32:.1e} in float32, {err16:.1e} in bf16 '
           f'(medians; order swapped each round)\n')
     print('| pass | ours as shipped vs | ours (ms) | other (ms) | ratio ours/other |')
     print('|---|---|---|---|---|')
-    for what, other, a, b, ratio in rows:
-        print(f'| {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} |')
+    for what, wrap, n in (('forward', torch.no_grad, 50), ('forward+backward', contextlib.nullcontext, 25)):
+        f = (lambda r: r) if what == 'forward' else fwd_bwd
+        for other, run_other in (('diffusers', run_ref), ('ours, fused_matmuls()', run_fused)):
+            with wrap():
+                a, b, ratio = time_pair(synced(f(run_ours)), synced(f(run_other)), 3, n)
+            print(f'| {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} |', flush=True)
 
 
 def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, iters=5):

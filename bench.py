@@ -353,9 +353,8 @@ def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
             ae, z = ae.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
         print(f'| decode | {label} | {timed(lambda: ae.decode(z)):.3f} |', flush=True)
     if int(compile):
-        for block in [*net.double_blocks, *net.single_blocks]:
-            block.compile()
-        print(f'| transformer | blocks compiled (torch.compile) | {timed(transformer):.3f} |', flush=True)
+        net.compile_blocks()
+        print(f'| transformer | blocks compiled (sample.py --compile) | {timed(transformer):.3f} |', flush=True)
     if device.startswith('cuda'):
         print(f'\npeak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB')
 
@@ -399,7 +398,7 @@ def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2
             print(f'| {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} |', flush=True)
 
 
-def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, iters=5):
+def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, iters=5, *train_args):
     """Writes a random bf16 model (24 GB for FLUX.1-dev) and one shard of random 512 px data, then runs train.py."""
     import re
     import subprocess
@@ -419,7 +418,8 @@ def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, it
                    'y': torch.randn(n, cfg.vec_in_dim, generator=g)}, f'{tmp}/data/train_000.safetensors')
         cmd = [sys.executable, 'train.py', 'config/flux3.py', f'--init_from={tmp}/base.safetensors', f'--model={preset}',
                f'--device={device}', f'--data_dir={tmp}/data', f'--out_dir={tmp}/out', f'--batch_size={batch}',
-               f'--grad_accum={grad_accum}', f'--max_iters={iters}', '--log_interval=1', '--ckpt_interval=100000']
+               f'--grad_accum={grad_accum}', f'--max_iters={iters}', '--log_interval=1', '--ckpt_interval=100000',
+               *train_args]
         log = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
             for line in p.stdout:
@@ -430,7 +430,7 @@ def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, it
     steps = [dict(re.findall(r'(\w+) ([0-9.e+-]+)', l.split(':', 1)[1])) for l in log if re.match(r'step \d+:', l)]
     m = lambda k: median([float(s[k]) for s in steps[2:]])  # after 2 warm-up steps
     print(f'\ntrain.py config/flux3.py, random {preset} weights, LoRA rank 64 on every linear, grad_ckpt, 512 px '
-          f'(1024 + 512 tokens), batch {batch} (grad_accum {grad_accum}), bf16, 1 process on '
+          f'(1024 + 512 tokens), batch {batch} (grad_accum {grad_accum}) {" ".join(train_args)}, bf16, 1 process on '
           f'{device_name(device)}; medians of steps 3-{iters}; MFU against 989 TFLOP/s dense bf16\n')
     print('| step time (s) | steps/s | images/s | MFU | peak memory (GB) |')
     print('|---|---|---|---|---|')

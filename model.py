@@ -111,6 +111,14 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)  # GPUs and fp32 BLAS are fast in every layout
 
 
+def add_linear(out, x, weight, alpha):
+    # out + alpha * x @ weight.T as one GEMM that accumulates into out (addmm, beta=1): no separate scale and add
+    # passes over the wide output (LoRA's up-projection); CPU bf16 training keeps _CPULinear's gradient layout
+    if x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled():
+        return out + alpha * linear(x, weight)
+    return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
+
+
 class Linear(nn.Linear):
     def forward(self, x, split=None):
         # split: output sizes -> one output per row block of the weight, each its own matmul. BFL fuses q, k, v (and
@@ -316,6 +324,11 @@ class Flux(nn.Module):
             x = self._run(block, x, vec, pe)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
+    def compile_blocks(self):
+        # torch.compile per block: fuses the norms, RoPE, modulation and gates between the matmuls
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.compile()
+
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -405,8 +418,8 @@ class LoRALinear(Linear):
             return out
         down, factor = linear(x, self.lora_A), self.scale * self.alpha / self.rank
         if split is None:
-            return out + factor * linear(down, self.lora_B)
-        return [o + factor * linear(down, up) for o, up in zip(out, self.lora_B.split(split))]
+            return add_linear(out, down, self.lora_B, factor)
+        return [add_linear(o, down, up, factor) for o, up in zip(out, self.lora_B.split(split))]
 
 
 def apply_lora(model, rank, alpha=None, targets=LORA_ALL):

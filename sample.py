@@ -255,6 +255,7 @@ def main(argv=None):
     ap.add_argument('--lora', help='LoRA file (ours, diffusers/PEFT or kohya)')
     ap.add_argument('--lora_scale', type=float, default=1.0, help='SCFM README: 1-1.75, higher for fewer steps')
     ap.add_argument('--merge', action='store_true', help='fold the LoRA into the weights (faster)')
+    ap.add_argument('--compile', action='store_true', help='torch.compile each block (faster after a one-time compile)')
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument('--prompt', help='one prompt')
     src.add_argument('--prompts', help='a text file, one prompt per line')
@@ -296,6 +297,8 @@ def main(argv=None):
     if dev.startswith('cuda'):
         torch.cuda.empty_cache()
     model = load_transformer(a.ckpt, dev, dtype, a.lora, a.lora_scale, a.merge)
+    if a.compile:
+        model.compile_blocks()
     ae = load_ae(a.ae, dev, dtype)
     C = model.config.in_channels // 4
     os.makedirs(a.out, exist_ok=True)

@@ -122,6 +122,9 @@ if device_type == 'cuda':
     device = f'cuda:{local_rank}'
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    # cuDNN's attention backward failed on an H200 (torch 2.11, CUDA 13: "mha_graph.execute(...).is_good()", for
+    # diffusers' Flux too; pytorch#190321): train with flash attention
+    torch.backends.cuda.enable_cudnn_sdp(False)
 dist.init_process_group(backend='cuda:nccl,cpu:gloo' if device_type == 'cuda' else 'gloo')
 master = rank == 0
 print0 = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
@@ -219,8 +222,7 @@ for name, p in net.named_parameters():
     p.requires_grad_(not lora_rank or '.lora_' in name)
 net.gradient_checkpointing = grad_ckpt
 if compile:
-    for block in [*net.double_blocks, *net.single_blocks]:
-        block.compile()
+    net.compile_blocks()
 bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
 # the root casts the model's inputs to bf16; the blocks cast nothing: their activations already are bf16, RoPE's
 # cos/sin stay fp32 (as in sampling), and a checkpointed block's recompute sees the same dtypes as its forward (torch

@@ -25,4 +25,5 @@ grad_clip = 1.0
 max_iters = 3000
 ckpt_interval = 200
 grad_ckpt = True
+compile = True               # torch.compile each block: 30% -> 42% MFU on one H200 (README, Performance)
 dtype = 'bfloat16'

@@ -223,16 +223,16 @@ for name, p in net.named_parameters():
 net.gradient_checkpointing = grad_ckpt
 if compile:
     net.compile_blocks()
-bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
+mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
 # the root casts the model's inputs to bf16; the blocks cast nothing: their activations already are bf16, RoPE's
 # cos/sin stay fp32 (as in sampling), and a checkpointed block's recompute sees the same dtypes as its forward (torch
 # 2.11's FSDP2 skipped the input cast on recompute, which broke grad_ckpt in bf16)
 # reshard after every forward, the root too: the target passes swap weights into the *sharded* parameters, so an
 # unsharded copy must never outlive a forward
 for block in [*net.double_blocks, *net.single_blocks]:
-    fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False),
+    fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False),
                 reshard_after_forward=True)
-fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16), reshard_after_forward=True)
+fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed), reshard_after_forward=True)
 net.to_empty(device=device)
 params = dict(net.named_parameters())
 trainable = {n: p for n, p in params.items() if p.requires_grad}

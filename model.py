@@ -85,10 +85,23 @@ def attention(q, k, v, pe):
     return x.transpose(1, 2).flatten(2)
 
 
+def _cpu_bf16_fallback():
+    # PyTorch runs CPU bf16 matmuls in oneDNN where the CPU has AVX-512 (or Arm bf16) and oneDNN is on; elsewhere
+    # (AVX2) in a fallback kernel that is slow when both operands are row-major. Same check as ATen's matmul.
+    try:
+        return not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the op: assume the fallback
+        return True
+
+
+CPU_BF16_FALLBACK = _cpu_bf16_fallback()
+
+
 class _CPULinear(torch.autograd.Function):
     # F.linear whose input gradient multiplies by a column-major copy of the weight. Autograd's grad @ weight has
-    # both operands row-major, and on CPUs without bf16 instructions PyTorch's bf16 matmul falls back to a kernel
-    # that is an order of magnitude slower in that layout than with one operand transposed (bench.py model, bf16).
+    # both operands row-major, which PyTorch's fallback bf16 kernel runs an order of magnitude slower than with one
+    # operand transposed (bench.py model, bf16, on an AVX2 CPU). With oneDNN the copy only costs time (1.36x).
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
@@ -105,16 +118,20 @@ class _CPULinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _slow_layout(x):
+    return CPU_BF16_FALLBACK and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled()
+
+
 def linear(x, weight, bias=None):
-    if x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled():
+    if _slow_layout(x):
         return _CPULinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)  # GPUs and fp32 BLAS are fast in every layout
+    return F.linear(x, weight, bias)  # GPUs, oneDNN and fp32 BLAS are fast in every layout
 
 
 def add_linear(out, x, weight, alpha):
     # out + alpha * x @ weight.T as one GEMM that accumulates into out (addmm, beta=1): no separate scale and add
-    # passes over the wide output (LoRA's up-projection); CPU bf16 training keeps _CPULinear's gradient layout
-    if x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled():
+    # passes over the wide output (LoRA's up-projection); fallback bf16 training keeps _CPULinear's gradient layout
+    if _slow_layout(x):
         return out + alpha * linear(x, weight)
     return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
 

@@ -313,7 +313,12 @@ def test_lora_kohya_round_trip(lora_setup):
 # ----------------------------------------------------------------------------------------------------------
 # The CPU bf16 linear (a faster layout for the input gradient) computes autograd's gradients
 
-def test_cpu_linear_gradients():
+def test_cpu_linear_gradients(monkeypatch):
+    # model.py takes the fallback path only where PyTorch's bf16 matmul has no oneDNN kernel: AVX2 without AVX-512
+    cpu = torch.backends.cpu.get_cpu_capability()  # AVX2 or AVX512 on x86 (unless overridden by the environment)
+    if cpu.startswith('AVX') and 'ATEN_CPU_CAPABILITY' not in os.environ:
+        assert model.CPU_BF16_FALLBACK == (not torch.backends.mkldnn.enabled or cpu == 'AVX2'), cpu
+    monkeypatch.setattr(model, 'CPU_BF16_FALLBACK', True)  # test the fallback path on any CPU
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
@@ -336,6 +341,8 @@ def test_cpu_linear_gradients():
         assert a.dtype == torch.bfloat16 and rel(a, r) < 1e-2
     fp32 = model.Linear(64, 96)(torch.randn(3, 64, requires_grad=True))
     assert type(fp32.grad_fn).__name__ == "AddmmBackward0"  # fp32 keeps F.linear
+    monkeypatch.setattr(model, 'CPU_BF16_FALLBACK', False)  # with oneDNN, bf16 keeps F.linear too
+    assert type(lin(xb).grad_fn).__name__ != "_CPULinearBackward"
 
 
 # ----------------------------------------------------------------------------------------------------------

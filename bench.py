@@ -148,6 +148,7 @@ def reset_peak_rss():
 
 def bench_ours_step(tmp, init):
     import io, re, runpy, contextlib
+    os.makedirs(tmp)
     g = torch.Generator().manual_seed(0)
     save_file({'x0': torch.randn(16, 16, HW, HW, generator=g), 'txt': torch.randn(16, LT, CFG.context_in_dim, generator=g),
                'y': torch.randn(16, CFG.vec_in_dim, generator=g)}, f'{tmp}/train_000.safetensors')
@@ -216,19 +217,28 @@ def bench_reference_step(net):
     return timeit(step, warmup=2, iters=STEP_ITERS - 2), peak_rss_mb()
 
 
-def bench_step():
+def bench_step(rounds=5):
+    # whole runs alternate, order swapped each round, as in time_pair: a shared machine's load moves single runs by
+    # 10-20%, which one sequential pair hands to one side
     net = random_model()
+    res = {'ours': [], 'ref': []}
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/init.safetensors',
                   metadata={'config': json.dumps(dataclasses.asdict(CFG))})
-        ours, ours_mem = bench_ours_step(tmp, f'{tmp}/init.safetensors')
-    ref, ref_mem = bench_reference_step(net)
+        for i in range(rounds):
+            for who in ('ours', 'ref') if i % 2 == 0 else ('ref', 'ours'):
+                res[who].append(bench_ours_step(f'{tmp}/{i}', f'{tmp}/init.safetensors') if who == 'ours' else
+                                bench_reference_step(net))
+    ours, ref = (median([r[0] for r in res[w]]) for w in ('ours', 'ref'))
+    ours_mem, ref_mem = res['ours'][0][1], res['ref'][0][1]  # first round: later ones also hold the earlier runs' leftovers
+    ratio = median([a[0] / b[0] for a, b in zip(res['ours'], res['ref'])])
     print(f'SCFM step, Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, batch {STEP_B}, '
           f'{(HW // 2) ** 2}+{LT} tokens, LoRA rank {STEP_RANK} on all linears, float32, {torch.get_num_threads()} '
-          f'CPU threads (median step time)\n')
+          f'CPU threads; {rounds} rounds of {STEP_ITERS} steps each, ours and the reference alternating; medians over '
+          f'rounds of the median step time (after 2 warm-up steps), the ratio is the median of per-round ratios\n')
     print('| | ours (train.py, FSDP2, 1 process) | reference (diffusers + peft, swapped) | ratio |')
     print('|---|---|---|---|')
-    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {ours / ref:.2f} |')
+    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {ratio:.2f} |')
     print(f'| peak RSS during the run (MB) | {ours_mem:.0f} | {ref_mem:.0f} | {ours_mem / ref_mem:.2f} |')
 
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import model as M
@@ -227,12 +227,19 @@ mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype ==
 # the root casts the model's inputs to bf16; the blocks cast nothing: their activations already are bf16, RoPE's
 # cos/sin stay fp32 (as in sampling), and a checkpointed block's recompute sees the same dtypes as its forward (torch
 # 2.11's FSDP2 skipped the input cast on recompute, which broke grad_ckpt in bf16)
+# frozen weights (a LoRA's base) are stored in the compute dtype: they need no fp32 master and FSDP would cast them
+# at every forward anyway (the same numbers; FLUX.1-dev's base is 24 GB in bf16, 48 GB in fp32). On one process FSDP
+# leaves them alone: sharding over one rank would only copy them into an unsharded buffer at every forward
+frozen = {p for p in net.parameters() if not p.requires_grad}
+for p in frozen:
+    p.data = p.data.to(mixed.get('param_dtype', torch.float32))
+ignored = frozen if world == 1 else None
 # reshard after every forward, the root too: the target passes swap weights into the *sharded* parameters, so an
 # unsharded copy must never outlive a forward
 for block in [*net.double_blocks, *net.single_blocks]:
     fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False),
-                reshard_after_forward=True)
-fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed), reshard_after_forward=True)
+                reshard_after_forward=True, ignored_params=ignored)
+fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed), reshard_after_forward=True, ignored_params=ignored)
 net.to_empty(device=device)
 params = dict(net.named_parameters())
 trainable = {n: p for n, p in params.items() if p.requires_grad}
@@ -279,15 +286,18 @@ def initial_weights():
 @torch.no_grad()
 def load_initial_weights():
     for n, read in initial_weights().items():
-        p = params[n]
-        # each rank slices its own shard out of the (memory-mapped) full tensor: no broadcast, one tensor at a time
-        p.copy_(distribute_tensor(read().to(device, p.dtype), p.device_mesh, p.placements, src_data_rank=None))
+        p, full = params[n], read().to(device, params[n].dtype)
+        # each rank slices its own shard out of the (memory-mapped) full tensor: no broadcast, one tensor at a time;
+        # a parameter FSDP ignores (frozen, one process) takes the full tensor
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
+                else full)
 
 
 load_initial_weights()
 num_params = sum(p.numel() for p in params.values())
 print0(f'model {model}: {num_params / 1e6:.2f}M params, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M '
-       f'trainable, {world} process(es) on {device_type}, {dtype}')
+       f'trainable, frozen in {str(next(iter(frozen)).dtype)[6:] if frozen else "-"}, {world} process(es) on '
+       f'{device_type}, {dtype}')
 
 
 # weight sets as local shards: no communication to update, swap or reset them

@@ -231,11 +231,13 @@ def bench_step(rounds=5):
                                 bench_reference_step(net))
     ours, ref = (median([r[0] for r in res[w]]) for w in ('ours', 'ref'))
     ours_mem, ref_mem = res['ours'][0][1], res['ref'][0][1]  # first round: later ones also hold the earlier runs' leftovers
-    ratio = median([a[0] / b[0] for a, b in zip(res['ours'], res['ref'])])
+    ratios = [a[0] / b[0] for a, b in zip(res['ours'], res['ref'])]
+    ratio = median(ratios)
     print(f'SCFM step, Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, batch {STEP_B}, '
           f'{(HW // 2) ** 2}+{LT} tokens, LoRA rank {STEP_RANK} on all linears, float32, {torch.get_num_threads()} '
           f'CPU threads; {rounds} rounds of {STEP_ITERS} steps each, ours and the reference alternating; medians over '
-          f'rounds of the median step time (after 2 warm-up steps), the ratio is the median of per-round ratios\n')
+          f'rounds of the median step time (after 2 warm-up steps), the ratio is the median of per-round ratios '
+          f'({", ".join(f"{r:.2f}" for r in ratios)})\n')
     print('| | ours (train.py, FSDP2, 1 process) | reference (diffusers + peft, swapped) | ratio |')
     print('|---|---|---|---|')
     print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {ratio:.2f} |')

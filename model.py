@@ -86,8 +86,9 @@ def attention(q, k, v, pe):
 
 
 def _cpu_bf16_fallback():
-    # PyTorch runs CPU bf16 matmuls in oneDNN where the CPU has AVX-512 (or Arm bf16) and oneDNN is on; elsewhere
-    # (AVX2) in a fallback kernel that is slow when both operands are row-major. Same check as ATen's matmul.
+    # PyTorch runs CPU bf16 matmuls in oneDNN where the CPU has AVX-512 (or AVX-NE-CONVERT, or Arm bf16) and oneDNN
+    # is on; elsewhere (plain AVX2) in a fallback kernel that is slow when both operands are row-major. Same check as
+    # ATen's matmul (which also sends tiny products, m*n*k <= 4096, to the fallback: no matter here).
     try:
         return not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())

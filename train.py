@@ -100,7 +100,7 @@ beta1, beta2 = 0.9, 0.999
 grad_clip = 1.0              # 0 = off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'           # bf16 compute with fp32 master weights and fp32 gradient reduction; or 'float32'
+dtype = 'bfloat16'           # bf16 compute, fp32 master weights (frozen ones bf16), fp32 grad reduction; or 'float32'
 dp_replicate = 1             # > 1: hybrid sharding over a (replicate, shard) mesh
 peak_flops = 989e12          # for MFU; H100/H200 dense bf16
 seed = 1337
@@ -296,8 +296,8 @@ def load_initial_weights():
 load_initial_weights()
 num_params = sum(p.numel() for p in params.values())
 print0(f'model {model}: {num_params / 1e6:.2f}M params, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M '
-       f'trainable, frozen in {str(next(iter(frozen)).dtype)[6:] if frozen else "-"}, {world} process(es) on '
-       f'{device_type}, {dtype}')
+       f'trainable, frozen in {next((str(p.dtype)[6:] for p in params.values() if not p.requires_grad), "-")}, '
+       f'{world} process(es) on {device_type}, {dtype}')
 
 
 # weight sets as local shards: no communication to update, swap or reset them

@@ -227,16 +227,16 @@ def bench_step(rounds=5):
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/init.safetensors',
                   metadata={'config': json.dumps(dataclasses.asdict(CFG))})
+        run = {'ours': lambda i: bench_ours_step(f'{tmp}/{i}', f'{tmp}/init.safetensors'),
+               'ref': lambda i: bench_reference_step(net)}
         for i in range(rounds):
             for who in ('ours', 'ref') if i % 2 == 0 else ('ref', 'ours'):
-                res[who].append(bench_ours_step(f'{tmp}/{i}', f'{tmp}/init.safetensors') if who == 'ours' else
-                                bench_reference_step(net))
+                res[who].append(run[who](i))
     ours, ref = (median([r[0] for r in res[w]]) for w in ('ours', 'ref'))
     # peak RSS of the first round: ours runs first in a fresh process, the reference after it (what ours leaves
     # behind counts against the reference, as in a single sequential pair)
     ours_mem, ref_mem = res['ours'][0][1], res['ref'][0][1]
     ratios = [a[0] / b[0] for a, b in zip(res['ours'], res['ref'])]
-    ratio = median(ratios)
     print(f'SCFM step, Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, batch {STEP_B}, '
           f'{(HW // 2) ** 2}+{LT} tokens, LoRA rank {STEP_RANK} on all linears, float32, {torch.get_num_threads()} '
           f'CPU threads; {rounds} rounds of {STEP_ITERS} steps each, ours and the reference alternating; medians over '
@@ -244,7 +244,7 @@ def bench_step(rounds=5):
           f'({", ".join(f"{r:.2f}" for r in ratios)})\n')
     print('| | ours (train.py, FSDP2, 1 process) | reference (diffusers + peft, swapped) | ratio |')
     print('|---|---|---|---|')
-    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {ratio:.2f} |')
+    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {median(ratios):.2f} |')
     print(f'| peak RSS during the run (MB, first round) | {ours_mem:.0f} | {ref_mem:.0f} | {ours_mem / ref_mem:.2f} |')
 
 

@@ -58,18 +58,20 @@ def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
     return emb.to(t.dtype) if torch.is_floating_point(t) else emb
 
 
-def rope(pos, dim, theta):
-    # per-axis rotation matrices for interleaved (GPT-J style) pairs: (B, L, dim/2, 2, 2), fp32
-    scale = torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim
-    omega = 1.0 / (theta ** scale)
-    out = pos.float()[..., None] * omega
-    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
-    return out.unflatten(-1, (2, 2))
+def rope(ids, axes_dim, theta):
+    # ids (B, L, 3) -> RoPE's (cos, sin), each (B, L, 1, head_dim) in fp32: the angle of pair k of axis i is
+    # pos_i * theta^(-2k/dim_i), repeated for both members of its (interleaved) pair, so applying it is plain
+    # contiguous elementwise math
+    angles = []
+    for i, dim in enumerate(axes_dim):
+        omega = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim))
+        angles.append(ids[..., i].float()[..., None] * omega)
+    angles = torch.cat(angles, -1).repeat_interleave(2, -1).unsqueeze(2)
+    return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rope(x, pe):
-    # x: (B, L, H, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32.
-    # pe = (cos, sin) repeated to D: (c, c), (s, s) per pair; rotate-half of interleaved pairs is (-x1, x0)
+    # x: (B, L, H, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32
     cos, sin = pe
     xf = x.float()
     x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
@@ -85,55 +87,9 @@ def attention(q, k, v, pe):
     return x.transpose(1, 2).flatten(2)
 
 
-def _cpu_bf16_fallback():
-    # PyTorch runs CPU bf16 matmuls in oneDNN where the CPU has AVX-512 (or AVX-NE-CONVERT, or Arm bf16) and oneDNN
-    # is on; elsewhere (plain AVX2) in a fallback kernel that is slow when both operands are row-major. Same check as
-    # ATen's matmul (which also sends tiny products, m*n*k <= 4096, to the fallback: no matter here).
-    try:
-        return not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without the op: assume the fallback
-        return True
-
-
-CPU_BF16_FALLBACK = _cpu_bf16_fallback()
-
-
-class _CPULinear(torch.autograd.Function):
-    # F.linear whose input gradient multiplies by a column-major copy of the weight. Autograd's grad @ weight has
-    # both operands row-major, which PyTorch's fallback bf16 kernel runs an order of magnitude slower than with one
-    # operand transposed (bench.py model, bf16, on an AVX2 CPU). With oneDNN the copy only costs time (1.36x).
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad @ weight.t().contiguous().t() if ctx.needs_input_grad[0] else None
-        grad_w = grad2d.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-def _slow_layout(x):
-    return CPU_BF16_FALLBACK and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and torch.is_grad_enabled()
-
-
-def linear(x, weight, bias=None):
-    if _slow_layout(x):
-        return _CPULinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)  # GPUs, oneDNN and fp32 BLAS are fast in every layout
-
-
 def add_linear(out, x, weight, alpha):
-    # out + alpha * x @ weight.T as one GEMM that accumulates into out (addmm, beta=1): no separate scale and add
-    # passes over the wide output (LoRA's up-projection); fallback bf16 training keeps _CPULinear's gradient layout
-    if _slow_layout(x):
-        return out + alpha * linear(x, weight)
+    # out + alpha * x @ weight.T as one GEMM accumulating into out (addmm, beta=1): LoRA's up-projection without
+    # separate scale and add passes over the wide output
     return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
 
 
@@ -143,9 +99,9 @@ class Linear(nn.Linear):
         # in single blocks the MLP input) into one weight; separate matmuls give the same numbers and, on the CPU
         # BLAS measured in bench.py model, run faster than one wide product
         if split is None:
-            return linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
         biases = self.bias.split(split) if self.bias is not None else [None] * len(split)
-        return [linear(x, w, b) for w, b in zip(self.weight.split(split), biases)]
+        return [F.linear(x, w, b) for w, b in zip(self.weight.split(split), biases)]
 
 
 def layer_norm(x):
@@ -159,10 +115,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.empty(dim))
 
     def forward(self, x):
-        x_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return x.to(x_dtype) * self.scale
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):
@@ -195,7 +149,7 @@ class Modulation(nn.Module):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
 
 
-class SelfAttention(nn.Module):  # the parameters and q, k, v; the joint attention happens in the block
+class AttentionProjections(nn.Module):  # q, k, v and the output projection; the blocks attend jointly
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
         self.num_heads, self.dim = num_heads, dim
@@ -229,8 +183,8 @@ class DoubleStreamBlock(nn.Module):
         self.num_heads = num_heads
         hidden = int(dim * mlp_ratio)
         self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
-        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
-        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_attn = AttentionProjections(dim, num_heads, qkv_bias)
+        self.txt_attn = AttentionProjections(dim, num_heads, qkv_bias)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
     def forward(self, img, txt, vec, pe):
@@ -280,11 +234,7 @@ class LastLayer(nn.Module):
 # ----- the model -----
 
 class Flux(nn.Module):
-    """
-    Build on the meta device, then to_empty() + init_weights() (or load a checkpoint):
-        with torch.device('meta'): model = Flux(PRESETS['flux-dev'])
-        model.to_empty(device='cuda'); model.init_weights()
-    """
+    """Built on the meta device, then to_empty() + init_weights() or a checkpoint's tensors (assign=True)."""
 
     def __init__(self, config):
         super().__init__()
@@ -355,13 +305,7 @@ class Flux(nn.Module):
     def pos_embed(self, txt_ids, img_ids, batch):
         # computed in forward (no buffer) so meta-device construction and FSDP sharding stay trivial
         ids = torch.cat((txt_ids, img_ids), -2)
-        if ids.ndim == 2:
-            ids = ids[None].expand(batch, -1, -1)
-        c = self.config
-        pe = torch.cat([rope(ids[..., i], c.axes_dim[i], c.theta) for i in range(3)], dim=-3)  # (B, L, D/2, 2, 2)
-        cos, sin = pe[..., 0, 0], pe[..., 1, 0]  # the rotation [[cos, -sin], [sin, cos]] of each pair
-        # (B, L, 1, head_dim), each angle repeated for both members of its pair: plain contiguous elementwise ops
-        return cos.repeat_interleave(2, -1).unsqueeze(2), sin.repeat_interleave(2, -1).unsqueeze(2)
+        return rope(ids[None].expand(batch, -1, -1) if ids.ndim == 2 else ids, self.config.axes_dim, self.config.theta)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -413,9 +357,7 @@ def make_txt_ids(length, device=None):
 # LoRA, written by hand: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
 # the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
 
-# target patterns over BFL module names: every nn.Linear, or only the attention and MLP projections
-LORA_ALL = r'.*'
-LORA_ATTN_MLP = r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$'
+LORA_ALL = r'.*'  # target pattern over BFL module names: every nn.Linear
 
 
 class LoRALinear(Linear):
@@ -434,7 +376,7 @@ class LoRALinear(Linear):
         out = super().forward(x, split)
         if self.scale == 0:
             return out
-        down, factor = linear(x, self.lora_A), self.scale * self.alpha / self.rank
+        down, factor = F.linear(x, self.lora_A), self.scale * self.alpha / self.rank
         if split is None:
             return add_linear(out, down, self.lora_B, factor)
         return [add_linear(o, down, up, factor) for o, up in zip(out, self.lora_B.split(split))]
@@ -480,12 +422,9 @@ def merge_lora(model):
 
 def lora_state_dict(model):
     """Our native LoRA file: '<bfl module>.lora_A.weight', '.lora_B.weight', '.alpha' (like BFL's own LoRAs)."""
-    sd = {}
-    for name, m in lora_modules(model).items():
-        sd[f'{name}.lora_A.weight'] = m.lora_A.detach()
-        sd[f'{name}.lora_B.weight'] = m.lora_B.detach()
-        sd[f'{name}.alpha'] = torch.tensor(m.alpha)
-    return sd
+    return {k: v for name, m in lora_modules(model).items() for k, v in (
+        (f'{name}.lora_A.weight', m.lora_A.detach()), (f'{name}.lora_B.weight', m.lora_B.detach()),
+        (f'{name}.alpha', torch.tensor(m.alpha)))}
 
 
 @torch.no_grad()
@@ -493,10 +432,14 @@ def load_lora_state_dict(model, sd, source='LoRA state dict'):
     """Inverse of lora_state_dict; every key must fit a LoRALinear of the model (applying LoRA first if needed)."""
     mods = lora_modules(model)
     if not mods:  # wrap the named linears, one apply_lora per rank (imported LoRAs may mix ranks)
-        by_rank = {}
+        linears, by_rank = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}, {}
         for k, v in sd.items():
+            name = k.split('.lora_')[0].removesuffix('.alpha')
+            if name not in linears:
+                raise KeyError(f'{source}: key {k!r} does not fit the model (it has no linear layer {name!r}); '
+                               f'is it a LoRA for another model?')
             if k.endswith('.lora_A.weight'):
-                by_rank.setdefault(v.shape[0], []).append(re.escape(k.rsplit('.', 2)[0]))
+                by_rank.setdefault(v.shape[0], []).append(re.escape(name))
         for rank, names in by_rank.items():
             apply_lora(model, rank, targets='|'.join(names))
         mods = lora_modules(model)
@@ -520,10 +463,9 @@ def load_lora_state_dict(model, sd, source='LoRA state dict'):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autoencoder
-# The FLUX.1 VAE (BFL `modules/autoencoder.py`), 8x spatial downsampling to 16 latent channels. Module names
-# mirror BFL's so `ae.safetensors` loads with strict=True; diffusers AutoencoderKL weights go through
-# convert_weights.vae_diffusers_to_bfl. BFL's per-level `attn` lists are empty (no weights) and are omitted.
+# The FLUX.1 autoencoder (BFL's modules/autoencoder.py): 8x spatial downsampling to 16 latent channels, module names
+# as in BFL's ae.safetensors (diffusers AutoencoderKL weights go through convert_weights.py). BFL's per-level
+# `attn` lists hold no weights and are left out.
 
 @dataclass
 class AutoEncoderConfig:
@@ -541,73 +483,62 @@ class AutoEncoderConfig:
 
 AE_PRESETS = {
     'flux': AutoEncoderConfig(),  # 83,819,683 parameters
-    'tiny': AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8),  # same latent shape, ~1.8M params
+    'tiny': AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8),  # the same latent shape, ~1.8M params
 }
 
 
-def _norm(c, groups):
+def group_norm(c, groups):
     return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions; q/k/v/proj_out are 1x1 convs as in BFL."""
-
+class AttnBlock(nn.Module):  # single-head self-attention over all H*W positions, 1x1-conv projections
     def __init__(self, c, groups):
         super().__init__()
-        self.norm = _norm(c, groups)
+        self.norm = group_norm(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B,1,HW,C)
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C)
-        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
 
-class ResnetBlock(nn.Module):
-    """GN -> swish -> conv3x3, twice, plus a residual (1x1 nin_shortcut when channels change). No dropout/temb."""
-
+class ResnetBlock(nn.Module):  # (GN, swish, conv3x3) twice plus a residual (a 1x1 conv when the width changes)
     def __init__(self, c_in, c_out, groups):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
         return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
 
 
-class Downsample(nn.Module):
-    def __init__(self, c):
+class Resample(nn.Module):  # stride-2 conv after a right/bottom pad (down) or nearest 2x then conv (up)
+    def __init__(self, c, down):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
+        self.down, self.conv = down, nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad (right/bottom only), as in BFL and diffusers
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
 
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
-
-
-def _mid(c, groups):
-    mid = nn.Module()
+def mid_block(c, groups):
+    mid = nn.Sequential()  # BFL's names: mid.block_1, mid.attn_1, mid.block_2
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
     return mid
 
 
-def _run_mid(mid, h):
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+def level(blocks, resample_name=None, resample=None):
+    out = nn.Module()
+    out.block = nn.ModuleList(blocks)
+    if resample is not None:
+        setattr(out, resample_name, resample)
+    return out
 
 
 class Encoder(nn.Module):
@@ -615,59 +546,46 @@ class Encoder(nn.Module):
         super().__init__()
         g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        c_in = cfg.ch
-        for i, c in enumerate(chs):
-            level = nn.Module()
-            level.block = nn.ModuleList([ResnetBlock(c_in if r == 0 else c, c, g) for r in range(cfg.num_res_blocks)])
-            if i != len(chs) - 1:  # no downsampling after the deepest level
-                level.downsample = Downsample(c)
-            self.down.append(level)
-            c_in = c
-        self.mid = _mid(c_in, g)
-        self.norm_out = _norm(c_in, g)
-        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+        ins = [cfg.ch] + chs[:-1]
+        self.down = nn.ModuleList(  # no downsampling after the deepest level
+            level([ResnetBlock(ins[i] if r == 0 else c, c, g) for r in range(cfg.num_res_blocks)], 'downsample',
+                  Resample(c, down=True) if i < len(chs) - 1 else None) for i, c in enumerate(chs))
+        self.mid = mid_block(chs[-1], g)
+        self.norm_out = group_norm(chs[-1], g)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
 
     def forward(self, x):
         h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
+        for lvl in self.down:
+            for block in lvl.block:
                 h = block(h)
-            if hasattr(level, 'downsample'):
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            if hasattr(lvl, 'downsample'):
+                h = lvl.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
-        c_in = chs[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
-        self.mid = _mid(c_in, g)
-        # up[i] is built and run deepest-first but indexed like the encoder levels (BFL's `up.insert(0, ...)`),
-        # which is why diffusers' up_blocks are in the reverse order.
-        levels = []
-        for i in reversed(range(len(chs))):
-            level = nn.Module()
-            level.block = nn.ModuleList([ResnetBlock(c_in if r == 0 else chs[i], chs[i], g)
-                                         for r in range(cfg.num_res_blocks + 1)])
-            if i != 0:
-                level.upsample = Upsample(chs[i])
-            levels.insert(0, level)
-            c_in = chs[i]
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(c_in, g)
-        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
+        self.mid = mid_block(chs[-1], g)
+        # up[i] runs deepest-first but is indexed like the encoder levels (BFL's `up.insert(0, ...)`), which is why
+        # diffusers' up_blocks come in the reverse order
+        ins = chs[1:] + chs[-1:]
+        self.up = nn.ModuleList(
+            level([ResnetBlock(ins[i] if r == 0 else c, c, g) for r in range(cfg.num_res_blocks + 1)], 'upsample',
+                  Resample(c, down=False) if i > 0 else None) for i, c in enumerate(chs))
+        self.norm_out = group_norm(chs[0], g)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
-        h = _run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
+        h = self.mid(self.conv_in(z))
+        for lvl in reversed(self.up):
+            for block in lvl.block:
                 h = block(h)
-            if hasattr(level, 'upsample'):
-                h = level.upsample(h)
+            if hasattr(lvl, 'upsample'):
+                h = lvl.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -678,16 +596,13 @@ class AutoEncoder(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
 
     @torch.no_grad()
-    def init_weights(self):
-        # After meta-device construction + to_empty(): PyTorch's default conv init, GroupNorm to identity.
+    def init_weights(self):  # after meta-device construction + to_empty(): PyTorch's default init
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)):
                 m.reset_parameters()
 
-    def encode(self, x):
-        # The posterior mean (no sampling), so encoding is deterministic; then scaled to roughly unit variance.
-        mean = self.encoder(x).chunk(2, dim=1)[0]
-        return self.cfg.scale_factor * (mean - self.cfg.shift_factor)
+    def encode(self, x):  # the posterior mean (deterministic), scaled to roughly unit variance
+        return self.cfg.scale_factor * (self.encoder(x).chunk(2, dim=1)[0] - self.cfg.shift_factor)
 
     def decode(self, z):
         return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)

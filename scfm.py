@@ -1,7 +1,9 @@
 """
-The SCFM method as pure functions (scfm.md §1.4-1.5), used by train.py and checked by tests/test_scfm.py.
+The time convention, the sampling schedule and the SCFM objective as pure functions (docs/method.md), used by
+train.py and sample.py.
 
-Time runs from t = 1 (noise) to t = 0 (data): x_t = (1 - t) x0 + t eps, velocity v = eps - x0.
+Time runs from t = 1 (noise) to t = 0 (data): x_t = (1 - t) x0 + t eps, velocity v = eps - x0, and sampling is
+Euler from t = 1 down to t = 0: x <- x + (t_next - t_cur) * v(x, t_cur).
 """
 import math
 
@@ -14,55 +16,72 @@ def shifted(g, s):
 
 
 def flux_mu(img_tokens):
+    """FLUX.1-dev's resolution-dependent shift is s = e^mu, mu linear in the packed image token count."""
     return 0.5 + (img_tokens - 256) * (1.15 - 0.5) / (4096 - 256)
 
 
-def plan(gen, B, img_tokens, fm_ratio=0.0, teacher_ratio=0.4, teacher_steps=32, self_steps=(2, 4, 8, 16),
+def get_schedule(num_steps, shift=1.0, image_seq_len=None):
+    """The (num_steps+1,) float64 sampling grid from exactly 1.0 down to exactly 0.0: the uniform grid, shifted by
+    s = shift (s > 1 spends more steps at high noise), or by FLUX.1-dev's e^mu when shift is None."""
+    if shift is None:
+        if image_seq_len is None:
+            raise ValueError('the dynamic shift (shift=None) needs image_seq_len, the packed image token count')
+        shift = math.exp(flux_mu(image_seq_len))
+    if shift <= 0:
+        raise ValueError(f'shift must be > 0, got {shift}')
+    return shifted(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift)
+
+
+FM, TEACHER, SELF = 0, 1, 2  # a sample's role: flow matching on data, a teacher window, a self window
+ROLES = ('fm', 'teacher', 'self')
+
+
+def plan(gen, batch_size, img_tokens, fm_ratio=0.0, teacher_ratio=0.4, teacher_steps=32, self_steps=(2, 4, 8, 16),
          shift_range=(2.5, 4.5), dyn_shift_prob=0.0, fm_t='logit_normal', guidance_range=(0.0, 7.5)):
-    """Per-sample role (0 = flow matching on data, 1 = teacher window, 2 = self window), the window start t and its
-    two sub-steps d0, d1, the grid size n and the embedded guidance. Each sample draws independently:
-      role: flow matching with prob fm_ratio, else teacher with prob teacher_ratio, else self
+    """Per sample: its role, the window start t and the window's two sub-steps d0, d1, the grid size n and the
+    embedded guidance (docs/method.md, section 4). Each sample draws independently:
+      role: FM with prob fm_ratio, else TEACHER with prob teacher_ratio, else SELF
       grid: n = teacher_steps or one of self_steps; linspace(1, 0, n+1) shifted by s ~ U(shift_range) (or by the
             resolution-dependent shift with prob dyn_shift_prob); g[0] = 1 - 1e-5 so t is never pure noise
       window: an even start index, so the two sub-steps are one step of the n/2-step schedule."""
-    role = torch.where(torch.rand(B, generator=gen) < fm_ratio, 0,
-                       torch.where(torch.rand(B, generator=gen) < teacher_ratio, 1, 2))
+    B = batch_size
+    role = torch.where(torch.rand(B, generator=gen) < fm_ratio, FM,
+                       torch.where(torch.rand(B, generator=gen) < teacher_ratio, TEACHER, SELF))
     choice = torch.tensor(self_steps)[torch.randint(len(self_steps), (B,), generator=gen)]
-    n = torch.where(role == 1, teacher_steps, choice).double()
+    n = torch.where(role == TEACHER, teacher_steps, choice).double()
     s = shift_range[0] + (shift_range[1] - shift_range[0]) * torch.rand(B, generator=gen, dtype=torch.float64)
     s = torch.where(torch.rand(B, generator=gen) < dyn_shift_prob, math.exp(flux_mu(img_tokens)), s)
     start = 2 * (torch.rand(B, generator=gen, dtype=torch.float64) * (n / 2)).floor()
     grid = lambda k: torch.where(k == 0, 1 - 1e-5, shifted(1 - k / n, s))
     t0, t1, t2 = grid(start), grid(start + 1), grid(start + 2)
     t_fm = torch.sigmoid(torch.randn(B, generator=gen)) if fm_t == 'logit_normal' else torch.rand(B, generator=gen)
-    t0 = torch.where(role == 0, t_fm.double(), t0)
+    t0 = torch.where(role == FM, t_fm.double(), t0)
     guidance = guidance_range[0] + (guidance_range[1] - guidance_range[0]) * torch.rand(B, generator=gen)
     return dict(role=role, t=t0.float(), d0=(t0 - t1).float(), d1=(t1 - t2).float(), n=n.long(), guidance=guidance)
 
 
 @torch.no_grad()
-def target(velocity, x0, eps, role, t, d0, d1, near, far, active=(True, True, True)):
-    """The regression target per sample, one no-grad call per model over the samples that need it:
-        flow matching:   eps - x0
+def target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(), active=(True, True, True)):
+    """The regression target per sample (docs/method.md, section 2), one no-grad pass per weight set:
+        FM samples:      eps - x0
         window samples:  (d0 * V_near(x_t, t) + d1 * V_far(x_t - d0 * V_near, t - d0)) / (d0 + d1)
-    velocity(which, x, t, idx) evaluates weight set `which` on samples idx; near/far map role (1, 2) -> weight set.
-    active[r] says whether role r occurs anywhere (FSDP forwards are collective: all ranks must make the same calls,
-    possibly on zero samples). Returns (x_t, target)."""
+    velocity(which, x, t, *cond) runs weight set `which` on a subset of the samples (cond: per-sample tensors such
+    as the text embeddings, sliced alike); near and far map a role (TEACHER, SELF) to the weight set of its V_near
+    and V_far. active[r] says whether role r occurs anywhere in the global micro-batch (FSDP forwards are collective:
+    every rank makes the same calls, possibly on zero samples). Returns (x_t, target)."""
     te = lambda v: v.view(-1, *[1] * (x0.ndim - 1))
+
+    def run(weights_of, x, t):  # x, t -> v, one call per weight set over the samples of the roles that use it
+        v = torch.zeros_like(x0)
+        for which in dict.fromkeys(weights_of.values()):
+            roles = [r for r, w in weights_of.items() if w == which and active[r]]
+            if roles:
+                idx = torch.isin(role, torch.tensor(roles, device=role.device)).nonzero()[:, 0]
+                v[idx] = velocity(which, x[idx], t[idx], *(c[idx] for c in cond))
+        return v
+
     x_t = (1 - te(t)) * x0 + te(t) * eps
-    out = eps - x0
-    v_near = torch.zeros_like(x0)
-    for which in dict.fromkeys(near.values()):  # one call per model, batching the roles that share it
-        roles = [r for r, w in near.items() if w == which and active[r]]
-        if roles:
-            idx = torch.isin(role, torch.tensor(roles, device=role.device)).nonzero()[:, 0]
-            v_near[idx] = velocity(which, x_t[idx], t[idx], idx)
-    x_mid, t_mid = x_t - te(d0) * v_near, t - d0
-    v_far = torch.zeros_like(x0)
-    for which in dict.fromkeys(far.values()):
-        roles = [r for r, w in far.items() if w == which and active[r]]
-        if roles:
-            idx = torch.isin(role, torch.tensor(roles, device=role.device)).nonzero()[:, 0]
-            v_far[idx] = velocity(which, x_mid[idx], t_mid[idx], idx)
+    v_near = run(near, x_t, t)
+    v_far = run(far, x_t - te(d0) * v_near, t - d0)
     window = (te(d0) * v_near + te(d1) * v_far) / te(d0 + d1)
-    return x_t, torch.where(te(role) == 0, out, window)
+    return x_t, torch.where(te(role) == FM, eps - x0, window)

@@ -11,7 +11,7 @@ SCFM self-distillation (and plain flow matching) for Flux-architecture DiTs: one
 One network, several weight sets. The student is the network's trainable weights (a LoRA, or all weights). The
 targets come from the same network with other weights swapped in place on the local shards (no communication, no
 second model): the frozen teacher (LoRA scale 0, or a frozen copy of the initial weights), a fast EMA (0.99) and a
-slow EMA (0.999). Per sample (scfm.md §1.4-1.5):
+slow EMA (0.999). Per sample (docs/method.md, sections 2-4):
     teacher sample: 2 sub-steps on the 32-step grid, V_near = teacher,  V_far = slow EMA
     self sample:    2 sub-steps on a 2/4/8/16-step grid, V_near = fast EMA, V_far = slow EMA
     target = (d0 * V_near(x_t, t) + d1 * V_far(x_t - d0 * V_near, t - d0)) / (d0 + d1)
@@ -35,15 +35,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
-import model as M
+import convert_weights
 import scfm
+from model import (LORA_ALL, PRESETS, Flux, LoRALinear, apply_lora, lora_state_dict, make_img_ids, make_txt_ids, pack,
+                   set_lora_scale, unpack)
 
 # our outputs are never modified in place, so FSDP2's warning about returning a view does not apply
 warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view')
@@ -52,7 +53,7 @@ warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a vi
 # config: plain globals, overridden by config/*.py files and --key=value (see configurator.py)
 # I/O
 out_dir = 'out'
-init_from = ''               # converted checkpoint (convert_weights.py output, BFL keys); '' = random init
+init_from = ''               # a Flux checkpoint (ours/BFL file or diffusers folder); '' = random init
 resume = False               # continue from the latest checkpoint in out_dir
 export_only = False          # with resume: just export the latest checkpoint's weights and exit
 ckpt_interval = 200          # steps between checkpoints (also one at the end)
@@ -68,10 +69,10 @@ data_dir = 'data/digits'
 model = 'digits'             # preset name in model.PRESETS
 lora_rank = 0                # 0: train all weights; > 0: frozen base + LoRA of this rank
 lora_alpha = None            # None: alpha = rank
-lora_targets = M.LORA_ALL    # regex over BFL module names
+lora_targets = LORA_ALL      # regex over BFL module names
 grad_ckpt = False            # per-block activation checkpointing
 compile = False              # torch.compile each block
-# SCFM (defaults = the official code, scfm.md §1.4)
+# SCFM (defaults = the official code, docs/method.md section 5)
 teacher = 'lora_off'         # 'lora_off': base model (LoRA scale 0) | 'copy': frozen copy of the initial weights | 'none'
 teacher_ratio = 0.4          # share of samples anchored on the teacher
 fm_ratio = 0.0               # share of plain flow-matching samples on data (pretraining); drawn first
@@ -122,12 +123,11 @@ if device_type == 'cuda':
     device = f'cuda:{local_rank}'
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    # cuDNN's attention backward failed on an H200 (torch 2.11, CUDA 13: "mha_graph.execute(...).is_good()", for
-    # diffusers' Flux too; pytorch#190321): train with flash attention
+    # cuDNN's attention backward fails on H200s with torch 2.11 / CUDA 13 (pytorch#190321): train with flash attention
     torch.backends.cuda.enable_cudnn_sdp(False)
 dist.init_process_group(backend='cuda:nccl,cpu:gloo' if device_type == 'cuda' else 'gloo')
 master = rank == 0
-print0 = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
+print0 = (lambda *args, **kw: print(*args, **kw, flush=True)) if master else (lambda *args, **kw: None)
 if world % dp_replicate:
     raise ValueError(f'dp_replicate={dp_replicate} must divide the number of processes {world}')
 mesh = (init_device_mesh(device_type, (dp_replicate, world // dp_replicate), mesh_dim_names=('replicate', 'shard'))
@@ -139,46 +139,45 @@ if teacher == 'lora_off' and not lora_rank and teacher_ratio > 0:
     raise ValueError("teacher='lora_off' needs lora_rank > 0; use teacher='copy' for full fine-tuning")
 if teacher == 'none' and teacher_ratio > 0:
     raise ValueError("teacher='none' needs teacher_ratio=0")
+if model not in PRESETS:
+    raise ValueError(f'unknown model preset {model!r}; choose one of {sorted(PRESETS)}')
+cfg = PRESETS[model]
 os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------------------------------------------
-# data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv); samples are read one by one from memory-mapped files
+# data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv), grouped in buckets of one sample shape; samples are read one
+# by one from the memory-mapped files
 
 
-def shard_paths(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith('train') and f.endswith('.safetensors'))
-
-
-def open_buckets(data_dir, cfg):
-    """One bucket (a list of shards of one sample shape) for data_dir's own train*.safetensors and one per
-    sub-folder holding some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
+def open_buckets(data_dir):
+    """One bucket (a list of (shard, size)) for data_dir's own train*.safetensors and one per sub-folder holding
+    some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
     dirs = [data_dir, *sorted(os.path.join(data_dir, d) for d in os.listdir(data_dir))] if os.path.isdir(data_dir) else []
-    buckets = [open_shards(paths, cfg) for d in dirs if os.path.isdir(d) for paths in [shard_paths(d)] if paths]
+    buckets = []
+    for d in filter(os.path.isdir, dirs):
+        paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith('train') and f.endswith('.safetensors'))
+        buckets += [[open_shard(p) for p in paths]] if paths else []
+        if len({tuple(f.get_slice('x0').get_shape()[1:]) for f, _ in buckets[-1]} if paths else ()) > 1:
+            raise ValueError(f'{d}: its shards hold samples of different shapes (one shape per folder)')
     if not buckets:
         raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} or its sub-folders '
                                 f'(run data/<name>/prepare.py)')
     return buckets
 
 
-def open_shards(paths, cfg):
-    shards, shape = [], None
-    for p in paths:
-        f = safe_open(p, 'pt')
-        need = {'x0', 'txt', 'y'} - set(f.keys())
-        if need:
-            raise KeyError(f'{p}: missing tensors {sorted(need)} (a shard holds x0, txt, y)')
-        x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
-        if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
-            raise ValueError(f'{p}: x0 has shape {tuple(x)}; model {model!r} needs (N, {cfg.in_channels // 4}, H, W) '
-                             f'with even H, W (2x2 patches of in_channels={cfg.in_channels})')
-        if t[-1] != cfg.context_in_dim or y[-1] != cfg.vec_in_dim or not x[0] == t[0] == y[0]:
-            raise ValueError(f'{p}: txt {tuple(t)} / y {tuple(y)} do not fit the model (context_in_dim='
-                             f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')
-        if shape is not None and tuple(x[1:]) != shape:
-            raise ValueError(f'{p}: x0 sample shape {tuple(x[1:])} differs from the first shard\'s {shape}')
-        shape = tuple(x[1:])
-        shards.append((f, x[0]))
-    return shards
+def open_shard(path):
+    f = safe_open(path, 'pt')
+    need = {'x0', 'txt', 'y'} - set(f.keys())
+    if need:
+        raise KeyError(f'{path}: missing tensors {sorted(need)} (a shard holds x0, txt, y)')
+    x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
+    if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
+        raise ValueError(f'{path}: x0 has shape {tuple(x)}; model {model!r} needs (N, {cfg.in_channels // 4}, H, W) '
+                         f'with even H, W (2x2 patches of in_channels={cfg.in_channels})')
+    if t[-1] != cfg.context_in_dim or y[-1] != cfg.vec_in_dim or not x[0] == t[0] == y[0]:
+        raise ValueError(f'{path}: txt {tuple(t)} / y {tuple(y)} do not fit the model (context_in_dim='
+                         f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')
+    return f, x[0]
 
 
 def get_samples(shards, indices):
@@ -195,47 +194,38 @@ def get_samples(shards, indices):
 
 
 def batch_indices(bucket, pos):
-    """The bucket's pos-th global batch: walk through seeded per-epoch permutations of the bucket (resumable from the
-    position alone)."""
-    n_data, pos = sizes[bucket], pos * batch_size
-    idx = []
+    """The bucket's pos-th global batch: a walk through seeded per-epoch permutations of the bucket (resumable from
+    the position alone)."""
+    n_data, pos, idx = sizes[bucket], pos * batch_size, []
     while len(idx) < batch_size:
         epoch, off = divmod(pos, n_data)
         perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch + 100_003 * bucket))
-        take = perm[off:off + batch_size - len(idx)]
-        idx.append(take)
-        pos += len(take)
+        idx.append(perm[off:off + batch_size - len(idx)])
+        pos += len(idx[-1])
     return torch.cat(idx)
 
 # -----------------------------------------------------------------------------------------------------------------
 # model: meta-device construction -> fully_shard per block, then the root -> storage -> weights, shard by shard
 
-
-cfg = M.PRESETS[model] if model in M.PRESETS else None
-if cfg is None:
-    raise ValueError(f'unknown model preset {model!r}; choose one of {sorted(M.PRESETS)}')
 with torch.device('meta'):
-    net = M.Flux(cfg)
+    net = Flux(cfg)
     if lora_rank:
-        M.apply_lora(net, lora_rank, lora_alpha, lora_targets)
+        apply_lora(net, lora_rank, lora_alpha, lora_targets)
 for name, p in net.named_parameters():
     p.requires_grad_(not lora_rank or '.lora_' in name)
 net.gradient_checkpointing = grad_ckpt
 if compile:
     net.compile_blocks()
 mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
-# the root casts the model's inputs to bf16; the blocks cast nothing: their activations already are bf16, RoPE's
-# cos/sin stay fp32 (as in sampling), and a checkpointed block's recompute sees the same dtypes as its forward (torch
-# 2.11's FSDP2 skipped the input cast on recompute, which broke grad_ckpt in bf16)
-# frozen weights (a LoRA's base) are stored in the compute dtype: they need no fp32 master and FSDP would cast them
-# at every forward anyway (the same numbers; FLUX.1-dev's base is 24 GB in bf16, 48 GB in fp32). On one process FSDP
-# leaves them alone: sharding over one rank would only copy them into an unsharded buffer at every forward
+# The root casts the inputs to bf16; the blocks cast nothing (RoPE's cos/sin stay fp32, as in sampling, and a
+# checkpointed block recomputes with its forward's dtypes). Frozen weights (a LoRA's base) are stored in the compute
+# dtype: no optimizer needs an fp32 master of them. On one process FSDP leaves them alone (sharding over one rank
+# would only copy them at every forward). Every forward reshards, the root's too: the target passes swap weights
+# into the *sharded* parameters, so an unsharded copy must never outlive a forward.
 frozen = {p for p in net.parameters() if not p.requires_grad}
 for p in frozen:
     p.data = p.data.to(mixed.get('param_dtype', torch.float32))
 ignored = frozen if world == 1 else None
-# reshard after every forward, the root too: the target passes swap weights into the *sharded* parameters, so an
-# unsharded copy must never outlive a forward
 for block in [*net.double_blocks, *net.single_blocks]:
     fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False),
                 reshard_after_forward=True, ignored_params=ignored)
@@ -246,58 +236,45 @@ trainable = {n: p for n, p in params.items() if p.requires_grad}
 
 
 def initial_weights():
-    """name -> full fp32 CPU tensor: base weights from init_from (read one tensor at a time, memory-mapped), the rest
-    (a from-scratch model, the LoRA factors) from a seeded CPU init that is identical on every rank."""
-    src = {}
+    """Yields (name, full CPU tensor) one at a time: the base weights streamed from init_from, the rest (a model
+    from scratch, the LoRA factors) from a seeded CPU init that is identical on every rank."""
+    base = [n for n in params if '.lora_' not in n]
     if init_from:
-        if not os.path.isfile(init_from):
-            raise FileNotFoundError(f'init_from={init_from!r} does not exist (convert it first: convert_weights.py)')
-        f = safe_open(init_from, 'pt')
-        keys = {k.removeprefix('model.diffusion_model.'): k for k in f.keys()}
-        base = [n for n in params if '.lora_' not in n]
-        missing, unexpected = sorted(set(base) - set(keys)), sorted(set(keys) - set(base))
-        if missing or unexpected:
-            raise KeyError(f'{init_from}: does not fit model {model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}')
-        for n in base:
-            shape = tuple(f.get_slice(keys[n]).get_shape())
-            if shape != tuple(params[n].shape):
-                raise ValueError(f'{init_from}: {n} has shape {shape}, model {model!r} expects {tuple(params[n].shape)}')
-            src[n] = (lambda k=keys[n]: f.get_tensor(k).float())
-    if len(src) < len(params):
-        torch.manual_seed(seed)
-        # with init_from only the LoRA factors need values: the base stays on the meta device (a full fp32 CPU copy
-        # of FLUX.1-dev would be 48 GB on every rank)
-        with torch.device('meta' if src else 'cpu'):
-            ref = M.Flux(cfg)
-            if lora_rank:
-                M.apply_lora(ref, lora_rank, lora_alpha, lora_targets)
-        if src:
-            for m in ref.modules():
-                if isinstance(m, M.LoRALinear):
-                    m.lora_A, m.lora_B = (torch.nn.Parameter(torch.empty(p.shape)) for p in (m.lora_A, m.lora_B))
-                    m.reset_lora()
-        else:
-            ref.init_weights()
-        for n, p in ref.named_parameters():
-            src.setdefault(n, (lambda p=p: p.detach()))
-    return src
+        if not os.path.exists(init_from):
+            raise FileNotFoundError(f'init_from={init_from!r} does not exist')
+        _, tensors = convert_weights.read_flux(init_from)
+        for n, t in tensors:
+            if n not in params or t.shape != params[n].shape:
+                raise ValueError(f'{init_from}: {n} {tuple(t.shape)} does not fit model {model!r} '
+                                 f'({tuple(params[n].shape) if n in params else "no such parameter"})')
+            base.remove(n)
+            yield n, t
+        if base:
+            raise KeyError(f'{init_from}: does not fit model {model!r}: missing {base[:5]}')
+    torch.manual_seed(seed)
+    with torch.device('meta' if init_from else 'cpu'):  # with init_from only the LoRA factors need values
+        ref = Flux(cfg)
+        if lora_rank:
+            apply_lora(ref, lora_rank, lora_alpha, lora_targets)
+    if not init_from:
+        ref.init_weights()
+    for m in ref.modules() if init_from else []:
+        if isinstance(m, LoRALinear):
+            m.lora_A, m.lora_B = (torch.nn.Parameter(torch.empty(p.shape)) for p in (m.lora_A, m.lora_B))
+            m.reset_lora()
+    yield from ((n, p.detach()) for n, p in ref.named_parameters() if n in base or '.lora_' in n)
 
 
-@torch.no_grad()
-def load_initial_weights():
-    for n, read in initial_weights().items():
-        p, full = params[n], read().to(device, params[n].dtype)
-        # each rank slices its own shard out of the (memory-mapped) full tensor: no broadcast, one tensor at a time;
-        # a parameter FSDP ignores (frozen, one process) takes the full tensor
+with torch.no_grad():
+    for n, full in initial_weights():
+        p, full = params[n], full.to(device, params[n].dtype)
+        # each rank slices its own shard out of the full tensor: no broadcast, one tensor at a time; a parameter
+        # FSDP ignores (frozen, one process) takes the full tensor
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
                 else full)
-
-
-load_initial_weights()
-num_params = sum(p.numel() for p in params.values())
-print0(f'model {model}: {num_params / 1e6:.2f}M params, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M '
-       f'trainable, frozen in {next((str(p.dtype)[6:] for p in params.values() if not p.requires_grad), "-")}, '
-       f'{world} process(es) on {device_type}, {dtype}')
+print0(f'model {model}: {sum(p.numel() for p in params.values()) / 1e6:.2f}M params, '
+       f'{sum(p.numel() for p in trainable.values()) / 1e6:.3f}M trainable, '
+       f'frozen in {next((str(p.dtype)[6:] for p in frozen), "-")}, {world} process(es) on {device_type}, {dtype}')
 
 
 # weight sets as local shards: no communication to update, swap or reset them
@@ -306,44 +283,42 @@ def local(tensors):
 
 
 student_w = local(trainable.values())
-ema_f = [p.detach().clone() for p in trainable.values()]  # DTensors, so checkpoints reshard them
-ema_s = [p.detach().clone() for p in trainable.values()]
+ema_fast_w = [p.detach().clone() for p in trainable.values()]  # DTensors, so checkpoints reshard them
+ema_slow_w = [p.detach().clone() for p in trainable.values()]
 teacher_w = [p.detach().clone() for p in trainable.values()] if teacher == 'copy' else None
 stash = [t.clone() for t in student_w]
 
 
 @contextmanager
 def weights(which):
-    """Run the network with another weight set swapped into the trainable parameters; restored even on error."""
+    """Run the network with weight set `which` swapped into the trainable parameters; restored even on error."""
     if which == 'student':
         yield
-        return
-    if which == 'teacher' and teacher == 'lora_off':
-        M.set_lora_scale(net, 0.0)  # the base model, bit for bit
+    elif which == 'teacher' and teacher == 'lora_off':
+        set_lora_scale(net, 0.0)  # the base model, bit for bit
         try:
             yield
         finally:
-            M.set_lora_scale(net, 1.0)
-        return
-    src = {'fast': ema_f, 'slow': ema_s, 'teacher': teacher_w}[which]
-    torch._foreach_copy_(stash, student_w)
-    torch._foreach_copy_(student_w, local(src))
-    try:
-        yield
-    finally:
-        torch._foreach_copy_(student_w, stash)
+            set_lora_scale(net, 1.0)
+    else:
+        torch._foreach_copy_(stash, student_w)
+        torch._foreach_copy_(student_w, local({'fast': ema_fast_w, 'slow': ema_slow_w, 'teacher': teacher_w}[which]))
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(student_w, stash)
 
 
 @torch.no_grad()
 def update_ema():
-    torch._foreach_lerp_(local(ema_f), student_w, 1 - ema_fast)
-    torch._foreach_lerp_(local(ema_s), student_w, 1 - ema_slow)
+    torch._foreach_lerp_(local(ema_fast_w), student_w, 1 - ema_fast)
+    torch._foreach_lerp_(local(ema_slow_w), student_w, 1 - ema_slow)
 
 
 @torch.no_grad()
 def reset_ema():
-    torch._foreach_copy_(local(ema_f), student_w)
-    torch._foreach_copy_(local(ema_s), student_w)
+    torch._foreach_copy_(local(ema_fast_w), student_w)
+    torch._foreach_copy_(local(ema_slow_w), student_w)
 
 
 optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
@@ -365,8 +340,8 @@ def get_lr(it):
 
 def train_state():
     names = list(trainable)
-    return {'student': dict(trainable), 'ema_fast': dict(zip(names, ema_f)), 'ema_slow': dict(zip(names, ema_s)),
-            'optim': get_optimizer_state_dict(net, optimizer), 'step': 0,
+    return {'student': dict(trainable), 'ema_fast': dict(zip(names, ema_fast_w)),
+            'ema_slow': dict(zip(names, ema_slow_w)), 'optim': get_optimizer_state_dict(net, optimizer), 'step': 0,
             **({'teacher': dict(zip(names, teacher_w))} if teacher_w else {})}
 
 
@@ -386,7 +361,8 @@ def save_checkpoint(step):
     dcp.save(state, checkpoint_id=tmp)
     dist.barrier()
     if master:
-        json.dump({'config': config, 'step': step, 'model': dataclasses.asdict(cfg)}, open(os.path.join(tmp, 'meta.json'), 'w'))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump({'config': config, 'step': step, 'model': dataclasses.asdict(cfg)}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -407,24 +383,24 @@ def load_checkpoint(path):
     return state['step']
 
 
+@torch.no_grad()
 def export(step, snapshot=False):
-    """Full (unsharded) weights for sample.py / eval / convert_weights: the student and its slow EMA, or with
-    snapshot=True the student alone as snapshots/<kind>_<step>.safetensors."""
+    """Full (unsharded) weights for sample.py, the evaluations and convert_weights.py: the student and its slow EMA
+    as <kind>.safetensors and <kind>_ema.safetensors (kind: lora or model), or with snapshot=True the student alone
+    as snapshots/<kind>_<step>.safetensors. A LoRA is written by model.lora_state_dict (BFL names + alpha)."""
     kind = 'lora' if lora_rank else 'model'
     meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step)}
-    for suffix, ws in [('', list(trainable.values()))] + ([] if snapshot else [('_ema', ema_s)]):
-        full = {n: w.full_tensor().cpu() for n, w in zip(trainable, ws)}  # collective: every rank calls it
-        if lora_rank:
-            full = {k: v for n, t in full.items() for k, v in (
-                (n.replace('.lora_A', '.lora_A.weight').replace('.lora_B', '.lora_B.weight'), t),)}
-            full.update({f'{n.rsplit(".lora_", 1)[0]}.alpha': torch.tensor(float(lora_alpha or lora_rank))
-                         for n in trainable if n.endswith('.lora_A')})
+    for suffix, which in [('', 'student')] + ([] if snapshot else [('_ema', 'slow')]):
+        with weights(which):
+            sd = lora_state_dict(net) if lora_rank else trainable
+            # full_tensor is collective (every rank calls it); copy before the student is swapped back in
+            full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to('cpu', copy=True).contiguous()
+                    for k, v in sd.items()}
         if master:
-            path = (os.path.join(out_dir, 'snapshots', f'{kind}_{step:07d}.safetensors') if snapshot else
-                    os.path.join(out_dir, f'{kind}{suffix}.safetensors'))
+            path = os.path.join(out_dir, 'snapshots', f'{kind}_{step:07d}.safetensors') if snapshot else \
+                os.path.join(out_dir, f'{kind}{suffix}.safetensors')
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_file({k: v.contiguous() for k, v in full.items()}, path + '.tmp', metadata=meta)
-            os.replace(path + '.tmp', path)
+            convert_weights.write_dict(path, full, meta)
             if not snapshot:
                 print0(f'exported {path}')
     dist.barrier()
@@ -446,12 +422,12 @@ if export_only:
     dist.destroy_process_group()
     raise SystemExit(0)
 
-buckets = open_buckets(data_dir, cfg)
+buckets = open_buckets(data_dir)
 sizes = [sum(n for _, n in b) for b in buckets]
 shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
-ids = [(M.make_img_ids(H, W, device=device), M.make_txt_ids(Lt, device=device)) for _, H, W, Lt in shapes]
 for n, (C, H, W, Lt) in zip(sizes, shapes):
     print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
+position_ids = {(H, W, Lt): (make_img_ids(H, W, device=device), make_txt_ids(Lt, device=device)) for _, H, W, Lt in shapes}
 # a whole batch comes from one bucket: step s uses bucket_of[s] (drawn in proportion to the bucket sizes; numpy's
 # stream is prefix-stable, so a longer max_iters keeps the past) and that bucket's pos_of[s]-th batch
 u = np.random.default_rng(seed).random(max_iters)
@@ -463,15 +439,20 @@ pos_of = (np.cumsum(onehot, 0) - onehot)[np.arange(max_iters), bucket_of]  # ear
 # the SCFM step
 
 
-def velocity(which, x, t, txt, y, g):
+def velocity(which, x, t, txt, y, guidance):
+    """The network's velocity under weight set `which` on latents x (B, C, H, W) at times t, in fp32."""
+    img_ids, txt_ids = position_ids[(*x.shape[-2:], txt.shape[1])]
     with weights(which):
-        return M.unpack(net(M.pack(x), img_ids, txt, txt_ids, t, y, g if cfg.guidance_embed else None).float(), H, W)
+        v = net(pack(x), img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
+    return unpack(v.float(), *x.shape[-2:])
 
 
 if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
+near = {scfm.TEACHER: 'teacher', scfm.SELF: near_self}   # V_near of each window role
+far = {scfm.TEACHER: far_teacher, scfm.SELF: 'slow'}     # V_far
 step = start_step
 bar = tqdm(total=max_iters, initial=start_step, desc='train', disable=not master, dynamic_ncols=True)
 t_last = time.time()
@@ -482,40 +463,35 @@ while step < max_iters:
     b = int(bucket_of[step])
     C, H, W, Lt = shapes[b]
     img_tokens = (H // 2) * (W // 2)
-    img_ids, txt_ids = ids[b]  # read by velocity(), with H and W
     idx_global = batch_indices(b, int(pos_of[step]))
     eps_global = torch.randn(batch_size, C, H, W, generator=gen)
-    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio if step >= fm_warmup else 1.0, teacher_ratio, teacher_steps,
-                     self_steps, shift_range, dyn_shift_prob, fm_t, guidance_range)
-    sums = torch.zeros(7, device=device, dtype=torch.float64)  # loss sum and count per role (fm, teacher, self); total
+    plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio=fm_ratio if step >= fm_warmup else 1.0,
+                     teacher_ratio=teacher_ratio, teacher_steps=teacher_steps, self_steps=self_steps,
+                     shift_range=shift_range, dyn_shift_prob=dyn_shift_prob, fm_t=fm_t, guidance_range=guidance_range)
+    loss_by_role = torch.zeros(len(scfm.ROLES), device=device, dtype=torch.float64)  # summed over the global batch
+    count_by_role = torch.zeros(len(scfm.ROLES), device=device, dtype=torch.float64)
     for k in range(grad_accum):
         # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world
         mb = torch.arange(batch_size)[(k * world + rank) * micro:(k * world + rank + 1) * micro]
         x0, txt, y = get_samples(buckets[b], idx_global[mb])
         eps = eps_global[mb].to(device)
         role, t, d0, d1, g = (plan[n][mb].to(device) for n in ('role', 't', 'd0', 'd1', 'guidance'))
-        chunk = plan['role'].view(grad_accum, world * micro)[k]
-        active = [bool((chunk == r).any()) for r in range(3)]  # same on every rank
-        x_t, target = scfm.target(lambda which, x, tt, i: velocity(which, x, tt, txt[i], y[i], g[i]),
-                                  x0, eps, role, t, d0, d1, near={1: 'teacher', 2: near_self},
-                                  far={1: far_teacher, 2: 'slow'}, active=active)
+        global_roles = plan['role'].view(grad_accum, world * micro)[k]
+        active = [bool((global_roles == r).any()) for r in range(len(scfm.ROLES))]  # the same on every rank
+        x_t, target = scfm.target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(txt, y, g), active=active)
         net.set_requires_gradient_sync(k == grad_accum - 1)  # reduce-scatter gradients only once per step
-        pred = velocity('student', x_t, t, txt, y, g)
-        per_sample = ((pred - target) ** 2).mean((1, 2, 3))
+        per_sample = ((velocity('student', x_t, t, txt, y, g) - target) ** 2).mean((1, 2, 3))
         (per_sample.mean() / grad_accum).backward()
-        with torch.no_grad():
-            for r in range(3):
-                sums[2 * r] += per_sample[role == r].sum().double()
-                sums[2 * r + 1] += (role == r).sum()
-            sums[6] += per_sample.sum().double()
-    dist.all_reduce(sums)
-    loss = (sums[6] / batch_size).item()
+        loss_by_role.index_add_(0, role, per_sample.detach().double())
+        count_by_role += torch.bincount(role, minlength=len(scfm.ROLES))
+    dist.all_reduce(loss_by_role)
+    dist.all_reduce(count_by_role)
+    loss = (loss_by_role.sum() / batch_size).item()
     if not math.isfinite(loss):
-        ckpt = latest_checkpoint()
         raise FloatingPointError(f'loss is {loss} at step {step}: stopping. Nothing was saved at this step; the last '
-                                 f'good checkpoint is {ckpt or "(none yet)"}. Lower lr or check the data.')
-    grad_norm = (torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip if grad_clip > 0 else float('inf')))
-    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, 'full_tensor') else grad_norm.item()
+                                 f'good checkpoint is {latest_checkpoint() or "(none yet)"}. Lower lr or check the data.')
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip if grad_clip > 0 else float('inf'))
+    grad_norm = grad_norm.full_tensor().item() if isinstance(grad_norm, DTensor) else grad_norm.item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_ema()
@@ -526,15 +502,15 @@ while step < max_iters:
     if step % log_interval == 0 or step == max_iters:
         if device_type == 'cuda':
             torch.cuda.synchronize()
-        dt = (time.time() - t_last) / log_interval
-        t_last = time.time()
-        part = lambda r: (sums[2 * r] / sums[2 * r + 1]).item() if sums[2 * r + 1] > 0 else float('nan')
-        n_short = (sums[3] + sums[5]).item()
-        # a step's model FLOPs: student fwd+bwd (3F) per sample + two no-grad target passes (2F) per window sample,
-        # expressed as fwd+bwd-equivalent samples per second
-        mfu = net.estimate_mfu((3 * batch_size + 2 * n_short) / 3 / dt, img_tokens, Lt, peak_flops)
-        log = dict(loss=loss, loss_fm=part(0), loss_teacher=part(1), loss_self=part(2), grad_norm=grad_norm,
-                   lr=get_lr(step - 1), tokens=img_tokens, step_time=dt, img_per_s=batch_size / dt, mfu=mfu)
+        dt, t_last = (time.time() - t_last) / log_interval, time.time()
+        # model FLOPs of a step: the student's fwd+bwd (3 forwards) per sample + two no-grad target forwards per
+        # window sample, as fwd+bwd-equivalent samples per second
+        windows = (count_by_role[scfm.TEACHER] + count_by_role[scfm.SELF]).item()
+        mfu = net.estimate_mfu((3 * batch_size + 2 * windows) / 3 / dt, img_tokens, Lt, peak_flops)
+        log = dict(loss=loss, **{f'loss_{name}': (loss_by_role[r] / count_by_role[r]).item()
+                                 for r, name in enumerate(scfm.ROLES) if count_by_role[r] > 0},
+                   grad_norm=grad_norm, lr=get_lr(step - 1), tokens=img_tokens, step_time=dt, img_per_s=batch_size / dt,
+                   mfu=mfu)
         if device_type == 'cuda':
             log['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9
         bar.set_postfix(loss=f'{loss:.4f}', gn=f'{grad_norm:.3f}')

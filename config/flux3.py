@@ -1,14 +1,12 @@
-# FLUX.1-dev -> 3-step sampler with SCFM (the official recipe, scfm.md §4 and §1.4-1.8)
+# FLUX.1-dev -> 3-step sampler with SCFM, the official recipe (docs/method.md)
 # 1. convert:  python convert_weights.py /path/to/flux1-dev.safetensors checkpoints/flux1-dev.safetensors
-# 2. data:     teacher images + embeddings as shards in data/flux_teacher (see README, "Data")
-# 3. train:    torchrun --standalone --nproc_per_node=8 train.py config/flux3.py
-#    1 GPU:    python train.py config/flux3.py --grad_accum=16
+# 2. data:     teacher images + embeddings as shards in data/flux_teacher (README, Data)
+# 3. train:    torchrun --standalone --nproc_per_node=8 train.py config/flux3.py   (1 GPU: add --grad_accum=16)
 out_dir = 'out/flux3'
 init_from = 'checkpoints/flux1-dev.safetensors'
 data_dir = 'data/flux_teacher'
 model = 'flux-dev'
-lora_rank = 64               # LoRA on every linear layer of the DiT
-lora_alpha = 64.0
+lora_rank, lora_alpha = 64, 64.0  # LoRA on every linear layer of the DiT
 teacher = 'lora_off'         # the teacher is the base model: LoRA scale 0
 teacher_ratio = 0.4
 teacher_steps = 32
@@ -19,11 +17,8 @@ guidance_range = (0.0, 7.5)  # FLUX.1-dev is guidance-distilled: train every emb
 ema_fast, ema_slow = 0.99, 0.999
 batch_size = 16              # global; 512 px images (1024 latent tokens) and 512 T5 tokens
 lr = 2e-5
-lr_schedule = 'constant'
-weight_decay = 0.0
-grad_clip = 1.0
 max_iters = 3000
 ckpt_interval = 200
 grad_ckpt = True
-compile = True               # torch.compile each block: 30% -> 42% MFU on one H200 (README, Performance)
+compile = True               # torch.compile each block (README, Performance)
 dtype = 'bfloat16'

@@ -1,9 +1,10 @@
 """Our hand-written Flux autoencoder (BFL parameter names) must equal diffusers' AutoencoderKL in the Flux
-configuration, at a small width, once the weights are mapped with the diffusers<->BFL key mapping."""
+configuration, at a small width, once the weights are read through convert_weights' diffusers<->BFL key mapping."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from convert_weights import vae_bfl_to_diffusers, vae_diffusers_to_bfl
+from convert_weights import convert, read_ae
 from model import AE_PRESETS, AutoEncoder, AutoEncoderConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -16,7 +17,7 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(tmp_path_factory):
     torch.manual_seed(0)
     n = len(CFG.ch_mult)
     ref = diffusers.AutoencoderKL(
@@ -33,14 +34,18 @@ def pair():
         for name, p in ref.named_parameters():
             if p.ndim == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    tmp = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(tmp / "vae")
+    cfg, tensors = read_ae(str(tmp / "vae"))  # the diffusers folder, read one tensor at a time
+    assert cfg == CFG
     ours = AutoEncoder(CFG).float().eval()
-    ours.load_state_dict(vae_diffusers_to_bfl(ref.state_dict()), strict=True)
-    return ours, ref
+    ours.load_state_dict(dict(tensors), strict=True)
+    return ours, ref, tmp
 
 
 @torch.no_grad()
 def test_encode_matches_diffusers(pair):
-    ours, ref = pair
+    ours, ref, _ = pair
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
     want = (ref.encode(x).latent_dist.mean - CFG.shift_factor) * CFG.scale_factor
     got = ours.encode(x)
@@ -50,7 +55,7 @@ def test_encode_matches_diffusers(pair):
 
 @torch.no_grad()
 def test_decode_matches_diffusers(pair):
-    ours, ref = pair
+    ours, ref, _ = pair
     z = torch.randn(2, CFG.z_channels, 4, 6, generator=torch.Generator().manual_seed(2))
     want = ref.decode(z / CFG.scale_factor + CFG.shift_factor).sample
     got = ours.decode(z)
@@ -60,12 +65,15 @@ def test_decode_matches_diffusers(pair):
 
 
 def test_key_mapping_round_trip(pair):
-    ours, ref = pair
-    bfl = ours.state_dict()
-    back = vae_diffusers_to_bfl(vae_bfl_to_diffusers(bfl))
-    assert back.keys() == bfl.keys()
+    """diffusers folder -> our file -> diffusers folder: every tensor comes back, under its own name."""
+    ours, ref, tmp = pair
+    convert(str(tmp / "vae"), str(tmp / "ae.safetensors"))
+    cfg, tensors = read_ae(str(tmp / "ae.safetensors"))
+    bfl, back = ours.state_dict(), dict(tensors)
+    assert cfg == CFG and list(back) == list(bfl)  # model order
     assert all(torch.equal(back[k], bfl[k]) for k in bfl)
-    dif, want = vae_bfl_to_diffusers(bfl), ref.state_dict()
+    convert(str(tmp / "ae.safetensors"), str(tmp / "vae2"), to="diffusers")
+    dif, want = load_file(str(tmp / "vae2" / "diffusion_pytorch_model.safetensors")), ref.state_dict()
     assert dif.keys() == want.keys()
     assert all(torch.equal(dif[k], want[k]) for k in want)  # ours was loaded from ref, so values match too
 

@@ -1,4 +1,5 @@
-"""convert_weights.py: key maps (flux.md §6), numerics against diffusers, LoRA formats, streaming memory, bad input.
+"""convert_weights.py: key maps (docs/method.md section 6), numerics against diffusers, LoRA formats, streaming
+memory, bad input.
 All CPU, offline; the 12B checks use meta tensors only."""
 import dataclasses
 import json
@@ -12,13 +13,20 @@ import tempfile
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import convert_weights as cw
+import convert_weights
 import model
+from convert_weights import run_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel  # noqa: E402
+
+
+def detected(path):
+    return convert_weights.open_checkpoint(path)[0]
 
 
 def rel(a, b):
@@ -29,7 +37,7 @@ def rel(a, b):
 # Full-size presets, shapes only
 
 def bfl_keys_from_table(depth, single, guidance):
-    """flux.md §6.1 written out independently of convert_weights: every (module, params) row of the table."""
+    """The BFL key table written out independently of convert_weights: every (module, params) row of the table."""
     wb = lambda m: [f"{m}.weight", f"{m}.bias"]  # noqa: E731
     keys = wb("img_in") + wb("txt_in")
     for e in ["time_in", "vector_in"] + (["guidance_in"] if guidance else []):
@@ -70,14 +78,14 @@ def test_full_size_presets(name, params, ntensors):
         assert tuple(sd[k].shape) == s, k
     # inferred config round trip, and the diffusers key set/shapes equal diffusers' own model (also on meta)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    assert cw.infer_flux_config(shapes) == cfg
-    dif = cw.plan_meta(cw.bfl_to_diffusers_plan(list(sd), cfg.hidden_size), cw.DictSource(sd))
+    assert convert_weights.infer_flux_config(shapes) == cfg
+    dif = dict(run_plan(convert_weights.bfl_to_diffusers_plan(list(sd), cfg.hidden_size), sd.get))  # meta tensors
     with torch.device("meta"):
         ref = FluxTransformer2DModel(guidance_embeds=cfg.guidance_embed).state_dict()
     assert {k: tuple(v.shape) for k, v in dif.items()} == {k: tuple(v.shape) for k, v in ref.items()}
     if name == "flux-dev":
         assert len(dif) == 1160
-    back = cw.plan_meta(cw.diffusers_to_bfl_plan(list(dif)), cw.DictSource(dif))
+    back = dict(run_plan(convert_weights.diffusers_to_bfl_plan(list(dif)), dif.get))
     assert {k: tuple(v.shape) for k, v in back.items()} == shapes
 
 
@@ -88,14 +96,14 @@ def test_vae_key_map_full_size():
                             up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=16,
                             use_quant_conv=False, use_post_quant_conv=False)
     sd = vae.state_dict()
-    bfl = cw.vae_diffusers_to_bfl(sd)
+    bfl = dict(run_plan(convert_weights.vae_plan(list(sd), False), sd.get))
     assert len(bfl) == 244 and sum(v.numel() for v in bfl.values()) == 83_819_683
     assert tuple(bfl["decoder.mid.attn_1.q.weight"].shape) == (512, 512, 1, 1)
     assert tuple(bfl["decoder.up.0.block.2.conv2.weight"].shape) == (128, 128, 3, 3)  # level order reversed
     assert tuple(bfl["decoder.up.1.block.0.nin_shortcut.weight"].shape) == (256, 512, 1, 1)
     assert tuple(bfl["encoder.down.1.block.0.nin_shortcut.weight"].shape) == (256, 128, 1, 1)
     assert "encoder.norm_out.weight" in bfl and "decoder.up.3.upsample.conv.weight" in bfl
-    back = cw.vae_bfl_to_diffusers(bfl)
+    back = dict(run_plan(convert_weights.vae_plan(list(bfl), True), bfl.get))
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd.items()}
 
 
@@ -111,17 +119,18 @@ def test_vae_folder_round_trip(tmp_path):
     for p in vae.parameters():
         p.normal_(0, 0.1).add_(1.0 if p.ndim == 1 else 0.0)  # norms and biases differ, so mix-ups show
     vae.save_pretrained(tmp_path / "vae")
-    assert cw.detect_format(str(tmp_path / "vae")) == "diffusers-vae"
-    cw.main([str(tmp_path / "vae"), str(tmp_path / "ae.safetensors"), "--quiet"])
-    assert cw.detect_format(str(tmp_path / "ae.safetensors")) == "bfl-ae"
-    sd, cfg = cw.load_ae_state_dict(str(tmp_path / "ae.safetensors"))
+    assert detected(str(tmp_path / "vae")) == "diffusers-vae"
+    convert_weights.main([str(tmp_path / "vae"), str(tmp_path / "ae.safetensors"), "--quiet"])
+    assert detected(str(tmp_path / "ae.safetensors")) == "bfl-ae"
+    cfg, tensors = convert_weights.read_ae(str(tmp_path / "ae.safetensors"))
+    sd = dict(tensors)
     assert (cfg.ch, tuple(cfg.ch_mult), cfg.norm_groups, cfg.z_channels) == (16, (1, 2, 4, 4), 8, 16)
     ae = model.AutoEncoder(cfg).eval()
     ae.load_state_dict(sd)
     z = torch.randn(1, 16, 4, 6)
     want = vae.decode(z / 0.3611 + 0.1159).sample
     assert rel(ae.decode(z), want) <= 1e-5
-    cw.main([str(tmp_path / "ae.safetensors"), str(tmp_path / "vae2"), "--to", "diffusers", "--quiet"])
+    convert_weights.main([str(tmp_path / "ae.safetensors"), str(tmp_path / "vae2"), "--to", "diffusers", "--quiet"])
     vae2 = AutoencoderKL.from_pretrained(str(tmp_path / "vae2")).eval()
     assert torch.equal(vae2.decode(z / 0.3611 + 0.1159).sample, want)
 
@@ -160,9 +169,9 @@ def run_ours(m, x):
 
 
 def load_ours(path):
-    sd, cfg = cw.load_flux_state_dict(path)
+    cfg, tensors = convert_weights.read_flux(path)
     m = model.Flux(cfg)
-    m.load_state_dict(sd)
+    m.load_state_dict(dict(tensors))
     return m.eval()
 
 
@@ -171,12 +180,12 @@ def test_diffusers_folder_matches(tmp_path, guidance):
     d = small_diffusers(guidance)
     d.save_pretrained(tmp_path / "dif", max_shard_size="40KB")
     assert (tmp_path / "dif" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    assert cw.detect_format(str(tmp_path / "dif")) == "diffusers"
+    assert detected(str(tmp_path / "dif")) == "diffusers"
     x = inputs(guidance)
     ref = run_diffusers(d, x)
 
-    cw.main([str(tmp_path / "dif"), str(tmp_path / "ours.safetensors"), "--quiet"])  # the CLI path
-    assert cw.detect_format(str(tmp_path / "ours.safetensors")) == "bfl"
+    convert_weights.main([str(tmp_path / "dif"), str(tmp_path / "ours.safetensors"), "--quiet"])  # the CLI path
+    assert detected(str(tmp_path / "ours.safetensors")) == "bfl"
     m = load_ours(str(tmp_path / "ours.safetensors"))
     assert m.config.guidance_embed == guidance and tuple(m.config.axes_dim) == (4, 6, 6)
     assert rel(run_ours(m, x), ref) <= 1e-5
@@ -184,13 +193,14 @@ def test_diffusers_folder_matches(tmp_path, guidance):
 
     # a BFL file written by the inverse mapping (diffusers -> BFL on the state dict), with the ComfyUI prefix
     dsd = d.state_dict()
-    bfl = dict(cw.run_plan(cw.diffusers_to_bfl_plan(list(dsd)), cw.DictSource(dsd)))
-    cw.write_dict(str(tmp_path / "bfl.safetensors"), {"model.diffusion_model." + k: v for k, v in bfl.items()})
-    cw.main([str(tmp_path / "bfl.safetensors"), str(tmp_path / "ours2.safetensors"), "--quiet"])
+    bfl = dict(run_plan(convert_weights.diffusers_to_bfl_plan(list(dsd)), dsd.get))
+    comfy = {"model.diffusion_model." + k: v for k, v in bfl.items()}
+    convert_weights.write_dict(str(tmp_path / "bfl.safetensors"), comfy)
+    convert_weights.main([str(tmp_path / "bfl.safetensors"), str(tmp_path / "ours2.safetensors"), "--quiet"])
     assert rel(run_ours(load_ours(str(tmp_path / "ours2.safetensors")), x), ref) <= 1e-5
 
     # and back: ours -> diffusers folder, loaded by diffusers itself
-    cw.main([str(tmp_path / "ours.safetensors"), str(tmp_path / "dif2"), "--to", "diffusers", "--quiet"])
+    convert_weights.main([str(tmp_path / "ours.safetensors"), str(tmp_path / "dif2"), "--to", "diffusers", "--quiet"])
     d2 = FluxTransformer2DModel.from_pretrained(str(tmp_path / "dif2")).eval()
     assert torch.equal(run_diffusers(d2, x), ref)
 
@@ -211,7 +221,7 @@ def lora_setup(tmp_path_factory):
             if "lora_" in n:
                 p.normal_(0, 0.1)
     path = str(tmp / "lora.safetensors")
-    cw.write_dict(path, model.lora_state_dict(m), {"format": "flux-lora"})
+    convert_weights.write_dict(path, model.lora_state_dict(m), {"format": "flux-lora"})
     return dict(tmp=tmp, dif=d, base=base, m=m, path=path, x=inputs(True))
 
 
@@ -233,8 +243,8 @@ def test_lora_diffusers_export_loads_in_diffusers(lora_setup):
     pytest.importorskip("peft")
     s = lora_setup
     out_path = str(s["tmp"] / "lora_diffusers.safetensors")
-    cw.main(["--lora", s["path"], out_path, "--to", "diffusers"])
-    assert cw.detect_format(out_path) == "lora-diffusers"
+    convert_weights.main(["--lora", s["path"], out_path, "--to", "diffusers"])
+    assert detected(out_path) == "lora-diffusers"
     from diffusers import FluxPipeline
     sd = FluxPipeline.lora_state_dict(out_path)  # the pipeline loader's own format detection
     sd = sd[0] if isinstance(sd, tuple) else sd
@@ -246,8 +256,8 @@ def test_lora_diffusers_export_loads_in_diffusers(lora_setup):
 
     # ours -> diffusers -> ours: the same output, the rank kept (identical A parts are re-fused exactly)
     back_path = str(s["tmp"] / "lora_back.safetensors")
-    cw.main(["--lora", out_path, back_path, "--to", "ours"])
-    back, fmt = cw.load_lora(back_path)
+    convert_weights.main(["--lora", out_path, back_path, "--to", "ours"])
+    back, fmt = convert_weights.load_lora(back_path)
     assert fmt == "lora-ours"
     assert back["single_blocks.1.linear1.lora_A.weight"].shape[0] == 4
     m2 = load_ours(str(s["tmp"] / "dif"))
@@ -279,9 +289,9 @@ def test_lora_from_peft_partial_targets(tmp_path):
     torch.manual_seed(0)
     d.add_adapter(peft.LoraConfig(r=3, lora_alpha=3, target_modules=targets, init_lora_weights=False))
     sd = {"transformer." + k: v for k, v in get_peft_model_state_dict(d).items()}
-    cw.write_dict(str(tmp_path / "peft.safetensors"), sd)
-    cw.main(["--lora", str(tmp_path / "peft.safetensors"), str(tmp_path / "ours.safetensors")])
-    ours, fmt = cw.load_lora(str(tmp_path / "ours.safetensors"))
+    convert_weights.write_dict(str(tmp_path / "peft.safetensors"), sd)
+    convert_weights.main(["--lora", str(tmp_path / "peft.safetensors"), str(tmp_path / "ours.safetensors")])
+    ours, fmt = convert_weights.load_lora(str(tmp_path / "ours.safetensors"))
     assert ours["single_blocks.0.linear1.lora_A.weight"].shape == (9, 32)  # 3 parts x rank 3
     assert ours["double_blocks.0.img_mlp.0.lora_A.weight"].shape == (3, 32)
     assert not ours["single_blocks.0.linear1.lora_B.weight"][3 * 32:].any()  # no proj_mlp LoRA
@@ -294,9 +304,9 @@ def test_lora_from_peft_partial_targets(tmp_path):
 def test_lora_kohya_round_trip(lora_setup):
     s = lora_setup
     k_path, back_path = str(s["tmp"] / "kohya.safetensors"), str(s["tmp"] / "from_kohya.safetensors")
-    cw.main(["--lora", s["path"], k_path, "--to", "kohya"])
-    assert cw.detect_format(k_path) == "lora-kohya"
-    k, _ = cw.read_all(k_path)
+    convert_weights.main(["--lora", s["path"], k_path, "--to", "kohya"])
+    assert detected(k_path) == "lora-kohya"
+    k = load_file(k_path)
     ours = model.lora_state_dict(s["m"])
     assert len(k) == len(ours)
     assert k["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (4, 32)
@@ -304,108 +314,75 @@ def test_lora_kohya_round_trip(lora_setup):
     assert k["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 32 + 128, 4)
     assert k["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"].shape == (64, 4)
     assert float(k["lora_unet_double_blocks_1_txt_mod_lin.alpha"]) == 8.0
-    cw.main(["--lora", k_path, back_path])
-    back, fmt = cw.load_lora(back_path)
+    convert_weights.main(["--lora", k_path, back_path])
+    back, fmt = convert_weights.load_lora(back_path)
     assert fmt == "lora-ours" and set(back) == set(ours)
     assert all(torch.equal(back[n], ours[n]) for n in ours)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The CPU bf16 linear (a faster layout for the input gradient) computes autograd's gradients
-
-def test_cpu_linear_gradients(monkeypatch):
-    # model.py takes the fallback path only where PyTorch's bf16 matmul has no oneDNN kernel: never on an AVX-512
-    # CPU with oneDNN on (an AVX2 CPU may have oneDNN bf16 too, through AVX-NE-CONVERT)
-    if (torch.backends.cpu.get_cpu_capability() == 'AVX512' and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and not any(k in os.environ for k in ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA'))):
-        assert not model.CPU_BF16_FALLBACK
-    monkeypatch.setattr(model, 'CPU_BF16_FALLBACK', True)  # test the fallback path on any CPU
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(model._CPULinear.apply, (x, w, b))  # finite differences, float64
-    assert torch.autograd.gradcheck(model._CPULinear.apply, (x, w, None))
-
-    # in bf16 on CPU model.Linear takes that path; its gradients equal F.linear's up to bf16 rounding
-    lin = model.Linear(64, 96).to(torch.bfloat16)
-    xb = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
-    gb = torch.randn(3, 10, 96, dtype=torch.bfloat16)
-    y = lin(xb)
-    assert type(y.grad_fn).__name__ == "_CPULinearBackward"
-    y.backward(gb)
-    ours = [xb.grad, lin.weight.grad, lin.bias.grad]
-    xr = xb.detach().float().requires_grad_()
-    wr, br = lin.weight.detach().float().requires_grad_(), lin.bias.detach().float().requires_grad_()
-    torch.nn.functional.linear(xr, wr, br).backward(gb.float())
-    for a, r in zip(ours, [xr.grad, wr.grad, br.grad]):
-        assert a.dtype == torch.bfloat16 and rel(a, r) < 1e-2
-    fp32 = model.Linear(64, 96)(torch.randn(3, 64, requires_grad=True))
-    assert type(fp32.grad_fn).__name__ == "AddmmBackward0"  # fp32 keeps F.linear
-    monkeypatch.setattr(model, 'CPU_BF16_FALLBACK', False)  # with oneDNN, bf16 keeps F.linear too
-    assert type(lin(xb).grad_fn).__name__ != "_CPULinearBackward"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Streaming: peak RSS well below the checkpoint size
+# Streaming: the converting process never holds the checkpoint in its own (anonymous) memory. The source is
+# memory-mapped, so its pages count in VmRSS/VmHWM as file or shmem pages (the page cache, which the kernel can drop);
+# RssAnon is what the process itself allocated. The kernel keeps no peak for it, so a thread samples it.
 
 RSS_CHILD = r"""
-import sys
-import convert_weights as cw
-hwm = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) / 1024
-base = hwm()  # python + torch + our modules
-cw.main(sys.argv[1:] + ["--quiet"])
-print("PEAK_MB", base, hwm())
+import sys, threading, time
+import convert_weights
+anon = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssAnon"))) / 1024
+base, peak = anon(), [0.0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+threading.Thread(target=sample, daemon=True).start()
+if sys.argv[1] == "--hold":  # the control: every tensor copied and kept, as a converter that loads everything would
+    held = [t.clone() for _, t in convert_weights.read_flux(sys.argv[2])[1]]
+else:
+    convert_weights.main(sys.argv[1:] + ["--quiet"])
+time.sleep(0.01)
+print("PEAK_MB", base, max(peak[0], anon()))
 """
-RSS_BOUND_MB = 512        # absolute peak of the converting process, for a >= 1 GiB checkpoint
-RSS_GROWTH_FRACTION = 0.25  # peak minus the import baseline, as a fraction of the file size
-
-
-class RandomSource:
-    """Tensors cut from one random pool, so writing the big file costs one tensor of memory and little time."""
-
-    def __init__(self, shapes):
-        self.shapes = shapes
-        self.pool = torch.empty(max(torch.Size(s).numel() for s in shapes.values())).uniform_(-0.02, 0.02)
-
-    def meta(self, k):
-        return torch.empty(self.shapes[k], device="meta")
-
-    def get(self, k):
-        return self.pool[: torch.Size(self.shapes[k]).numel()].view(self.shapes[k])
+RSS_BOUND_MB = 512          # absolute anonymous peak of the converting process, for a >= 1 GiB checkpoint
+RSS_GROWTH_FRACTION = 0.25  # anonymous peak minus the import baseline, as a fraction of the file size
 
 
 def test_streaming_peak_rss(tmp_path):
-    """A 1.15 GiB BFL checkpoint converted to ours and to a diffusers folder (two children run side by side):
-    the peak RSS stays near import size + the largest tensor, far below the file size."""
+    """A 1.15 GiB BFL checkpoint converted to ours and to a diffusers folder: the anonymous peak stays near import
+    size + the largest tensor group, far below the file size; a control child that keeps every tensor shows that the
+    measure sees a whole-file copy."""
     cfg = model.FluxConfig(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=2048,
                            num_heads=16, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56), guidance_embed=True)
-    shapes = cw.flux_expected_shapes(cfg)
-    # tmpfs when there is one: it is much faster than the disk here, and its pages are not in any process's RSS
+    with torch.device("meta"):
+        metas = model.Flux(cfg).state_dict()
+    # tmpfs when there is one: it is much faster than the disk here
     d = tempfile.mkdtemp(prefix="test_convert_", dir="/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
     src, ours, dif = (os.path.join(d, n) for n in ("big.safetensors", "ours.safetensors", "dif"))
     try:
-        cw.write_safetensors(src, [([k], lambda x: x, [k]) for k in shapes], RandomSource(shapes))
+        pool = torch.empty(max(t.numel() for t in metas.values())).uniform_(-0.02, 0.02)  # one tensor of memory
+        convert_weights.write_safetensors(src, metas, ((k, pool[:t.numel()].view(t.shape)) for k, t in metas.items()))
+        del pool
         size_mb = os.path.getsize(src) / 2**20
         assert size_mb >= 1024
+        runs = ([src, ours], [src, dif, "--to", "diffusers"], ["--hold", src])
         procs = [subprocess.Popen([sys.executable, "-c", RSS_CHILD, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-                 for args in ([src, ours], [src, dif, "--to", "diffusers"])]
+                                  stderr=subprocess.PIPE, text=True) for args in runs]
         peaks = []
         for p in procs:
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err[-2000:]
             peaks.append([float(v) for v in out.split("PEAK_MB")[-1].split()])
-        print(f"\nfile {size_mb:.0f} MB; peak RSS (import baseline -> peak): to ours {peaks[0][0]:.0f} -> "
-              f"{peaks[0][1]:.0f} MB, to diffusers {peaks[1][0]:.0f} -> {peaks[1][1]:.0f} MB; bound {RSS_BOUND_MB} MB")
-        for base, peak in peaks:
+        print(f"\nfile {size_mb:.0f} MB; anonymous memory (import baseline -> peak): to ours {peaks[0][0]:.0f} -> "
+              f"{peaks[0][1]:.0f} MB, to diffusers {peaks[1][0]:.0f} -> {peaks[1][1]:.0f} MB, control "
+              f"{peaks[2][0]:.0f} -> {peaks[2][1]:.0f} MB; bound {RSS_BOUND_MB} MB")
+        for base, peak in peaks[:2]:
             assert peak < RSS_BOUND_MB and peak - base < RSS_GROWTH_FRACTION * size_mb
-        f, g = cw.SafeFile(ours), cw.SafeFile(src)
-        assert f.metadata["format"] == "flux-bfl" and set(f.keys()) == set(shapes)
-        k = "single_blocks.1.linear1.weight"
-        assert torch.equal(f.get(k), g.get(k))
-        h = cw.SafeFile(os.path.join(dif, "diffusion_pytorch_model.safetensors"))
-        assert torch.equal(h.get("single_transformer_blocks.1.proj_mlp.weight"), g.get(k)[3 * 2048:])
+        assert peaks[2][1] - peaks[2][0] > 0.9 * size_mb  # the measure does see a whole-file copy
+        with safe_open(ours, "pt") as f, safe_open(src, "pt") as g, \
+                safe_open(os.path.join(dif, "diffusion_pytorch_model.safetensors"), "pt") as h:
+            assert f.metadata()["format"] == "flux-bfl" and set(f.keys()) == set(metas)
+            k = "single_blocks.1.linear1.weight"
+            assert torch.equal(f.get_tensor(k), g.get_tensor(k))
+            assert torch.equal(h.get_tensor("single_transformer_blocks.1.proj_mlp.weight"), g.get_tensor(k)[3 * 2048:])
     finally:
         for p in (src, ours):
             if os.path.exists(p):
@@ -437,13 +414,13 @@ def test_bad_bfl_file(tmp_path, case):
         sd["single_blocks.0.linear2.weight"] = torch.zeros(64, 100)
         want = ["wrong shape for 'single_blocks.0.linear2.weight'", "expected (64, 320)", "found (64, 100)"]
     path = str(tmp_path / "bad.safetensors")
-    cw.write_dict(path, sd)
-    with pytest.raises(cw.ConvertError) as e:
-        cw.convert(path, str(tmp_path / "out.safetensors"))
+    convert_weights.write_dict(path, sd)
+    with pytest.raises(convert_weights.ConvertError) as e:
+        convert_weights.convert(path, str(tmp_path / "out.safetensors"))
     for w in want + [path, "bfl"]:
         assert w in str(e.value)
-    with pytest.raises(cw.ConvertError):
-        cw.load_flux_state_dict(path)
+    with pytest.raises(convert_weights.ConvertError):
+        convert_weights.read_flux(path)
     assert not os.path.exists(tmp_path / "out.safetensors")
 
 
@@ -452,9 +429,9 @@ def test_bad_diffusers_folder(tmp_path):
     sd = d.state_dict()
     del sd["transformer_blocks.1.attn.to_k.weight"]
     os.makedirs(tmp_path / "dif")
-    cw.write_dict(str(tmp_path / "dif" / "diffusion_pytorch_model.safetensors"), sd)
-    with pytest.raises(cw.ConvertError) as e:
-        cw.convert(str(tmp_path / "dif"), str(tmp_path / "out.safetensors"))
+    convert_weights.write_dict(str(tmp_path / "dif" / "diffusion_pytorch_model.safetensors"), sd)
+    with pytest.raises(convert_weights.ConvertError) as e:
+        convert_weights.convert(str(tmp_path / "dif"), str(tmp_path / "out.safetensors"))
     msg = str(e.value)
     assert "transformer_blocks.1.attn.to_k.weight" in msg and "diffusers" in msg and str(tmp_path / "dif") in msg
 
@@ -470,7 +447,7 @@ class Canary:
 
 
 @pytest.mark.parametrize("name", ["ckpt.safetensors", "ckpt.pt"])
-@pytest.mark.parametrize("kind", ["torch.save", "pickle", "garbage"])
+@pytest.mark.parametrize("kind", ["torch.save", "pickle", "garbage", "empty", "truncated"])
 def test_refuses_non_safetensors(tmp_path, name, kind):
     path, canary = str(tmp_path / name), str(tmp_path / "unpickled")
     if kind == "torch.save":
@@ -478,11 +455,15 @@ def test_refuses_non_safetensors(tmp_path, name, kind):
     elif kind == "pickle":
         with open(path, "wb") as f:
             pickle.dump({"x": Canary(canary)}, f)
+    elif kind == "truncated":  # a valid header whose data runs past the end of the file
+        save_file({"img_in.weight": torch.zeros(64, 64)}, path)
+        os.truncate(path, os.path.getsize(path) - 100)
     else:
         with open(path, "wb") as f:
-            f.write(os.urandom(1000))
-    for fn in (cw.detect_format, cw.load_flux_state_dict, lambda p: cw.main([p, str(tmp_path / "o")])):
-        with pytest.raises(cw.ConvertError, match="not a safetensors file") as e:
+            f.write(os.urandom(1000) if kind == "garbage" else b"")
+    for fn in (detected, convert_weights.read_flux, convert_weights.load_lora,
+               lambda p: convert_weights.main([p, str(tmp_path / "o")])):
+        with pytest.raises(convert_weights.ConvertError, match="not a safetensors file") as e:
             fn(path)
         assert path in str(e.value)
     assert not os.path.exists(canary)
@@ -490,42 +471,60 @@ def test_refuses_non_safetensors(tmp_path, name, kind):
 
 def test_unknown_format(tmp_path):
     path = str(tmp_path / "random.safetensors")
-    cw.write_dict(path, {"foo.weight": torch.zeros(3), "bar.baz": torch.zeros(2, 2)})
-    with pytest.raises(cw.ConvertError, match="unknown format") as e:
-        cw.convert(path, str(tmp_path / "o.safetensors"))
+    convert_weights.write_dict(path, {"foo.weight": torch.zeros(3), "bar.baz": torch.zeros(2, 2)})
+    with pytest.raises(convert_weights.ConvertError, match="unknown format") as e:
+        convert_weights.convert(path, str(tmp_path / "o.safetensors"))
     assert path in str(e.value) and "foo.weight" in str(e.value)
     kohya = str(tmp_path / "te.safetensors")
-    cw.write_dict(kohya, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4),
-                          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2)})
-    with pytest.raises(cw.ConvertError, match="lora_te1_text_model_encoder_layers_0_mlp_fc1"):
-        cw.load_lora(kohya)
+    te = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    convert_weights.write_dict(kohya, {f"{te}.lora_down.weight": torch.zeros(2, 4),
+                                       f"{te}.lora_up.weight": torch.zeros(4, 2)})
+    with pytest.raises(convert_weights.ConvertError, match=te):
+        convert_weights.load_lora(kohya)
 
 
 def test_safetensors_interop(tmp_path):
-    """Our writer's files are read by the reference library, and ours reads its files (bf16, 0-d, empty)."""
-    from safetensors.torch import load_file, save_file
+    """Our writer's files are read by the reference library (bf16, 0-d, empty); shapes and dtypes are read from the
+    header without the data; a failed write leaves neither the file nor its temporary."""
     sd = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.tensor(2.5), "c": torch.zeros(0, 4),
-          "d": torch.arange(7, dtype=torch.int64)}
-    cw.write_dict(str(tmp_path / "ours.safetensors"), sd, {"format": "flux-bfl"})
-    ref = load_file(str(tmp_path / "ours.safetensors"))
-    assert all(torch.equal(ref[k], sd[k]) and ref[k].dtype == sd[k].dtype for k in sd)
-    save_file(sd, str(tmp_path / "ref.safetensors"))
-    got, _ = cw.read_all(str(tmp_path / "ref.safetensors"))
-    assert all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+          "d": torch.arange(7, dtype=torch.int64), "e": torch.tensor([True, False]),
+          "f": torch.randn(4).to(torch.float8_e4m3fn)}
+    path = str(tmp_path / "ours.safetensors")
+    convert_weights.write_dict(path, sd, {"format": "flux-bfl"})
+    ref = load_file(path)
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731 (float8 has no torch.equal)
+    assert ref.keys() == sd.keys()
+    assert all(torch.equal(as_bytes(ref[k]), as_bytes(sd[k])) and ref[k].dtype == sd[k].dtype for k in sd)
+    src, metadata = convert_weights.open_files([path])
+    assert metadata == {"format": "flux-bfl"}
+    assert all(convert_weights._meta(src, k).shape == sd[k].shape and convert_weights._meta(src, k).dtype == sd[k].dtype
+               for k in sd)
+
+    def failing():
+        yield "a", sd["a"]
+        raise RuntimeError("read error")
+    with pytest.raises(RuntimeError, match="read error"):
+        convert_weights.write_safetensors(str(tmp_path / "new.safetensors"), sd, failing())
+    assert os.listdir(tmp_path) == ["ours.safetensors"]
+    with pytest.raises(AssertionError):  # tensors that do not match the header
+        convert_weights.write_safetensors(str(tmp_path / "new.safetensors"), sd, iter(list(sd.items())[::-1]))
+    assert os.listdir(tmp_path) == ["ours.safetensors"]
 
 
 def test_cli_help_dtype_and_config_metadata(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cw.main(["--help"])
+        convert_weights.main(["--help"])
     assert "--lora" in capsys.readouterr().out
     # axes_dim is not in the weights: a non-preset split must survive through our metadata
     cfg = model.FluxConfig(in_channels=8, out_channels=4, vec_in_dim=12, context_in_dim=20, hidden_size=32,
                            num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(2, 6, 8), guidance_embed=False)
     m = model.Flux(cfg)
     m.init_weights()
-    cw.write_dict(str(tmp_path / "a.safetensors"), m.state_dict(), {"config": json.dumps(dataclasses.asdict(cfg))})
-    cw.main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--dtype", "bf16", "--quiet"])
-    sd, cfg2 = cw.load_flux_state_dict(str(tmp_path / "b.safetensors"))
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    convert_weights.write_dict(a, m.state_dict(), {"config": json.dumps(dataclasses.asdict(cfg))})
+    convert_weights.main([a, b, "--dtype", "bf16", "--quiet"])
+    cfg2, tensors = convert_weights.read_flux(str(tmp_path / "b.safetensors"))
+    sd = dict(tensors)
     assert cfg2 == cfg and all(v.dtype == torch.bfloat16 for v in sd.values())
-    cw.main(["--info", str(tmp_path / "b.safetensors")])
+    convert_weights.main(["--info", str(tmp_path / "b.safetensors")])
     assert "axes_dim=(2, 6, 8)" in capsys.readouterr().out

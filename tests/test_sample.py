@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from sample import denoise, get_schedule
+from sample import denoise
+from scfm import get_schedule
 
-# docs/scfm.md §7 (computed schedules, 4 decimals; the doc's first value 1 - 1e-5 is written as 1)
+# the SCFM release's schedule table (4 decimals; its first value 1 - 1e-5 is written as 1)
 SCFM_TABLE = {
     (3, 3.0): [1, 0.8571, 0.6, 0],
     (4, 3.0): [1, 0.9, 0.75, 0.5, 0],
@@ -36,7 +37,7 @@ def test_schedule_dynamic_1024x768(n):
 
 
 def test_schedule_flux_test_vectors():
-    # docs/flux.md §4: 512^2 = 1024 packed tokens (mu = 0.63), 1024^2 = 4096 tokens (mu = 1.15), 4 steps
+    # FLUX.1-dev's dynamic shift: 512^2 = 1024 packed tokens (mu = 0.63), 1024^2 = 4096 tokens (mu = 1.15), 4 steps
     ref512 = torch.tensor([1.0, 0.8492, 0.6525, 0.3849, 0.0], dtype=torch.float64)
     ref1024 = torch.tensor([1.0, 0.9045, 0.7595, 0.5128, 0.0], dtype=torch.float64)
     assert torch.allclose(get_schedule(4, shift=None, image_seq_len=1024), ref512, atol=1e-4)

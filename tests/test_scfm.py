@@ -1,5 +1,5 @@
 """
-The SCFM method in closed form (scfm.md §1.3-1.5): the target, the window/grid sampler, and the LoRA teacher pass.
+The SCFM method in closed form (docs/method.md): the target, the window/grid sampler, and the LoRA teacher pass.
 Pure functions, no subprocess. The EMA update is checked end to end in test_train.py (it lives inside train.py).
 """
 import math
@@ -10,7 +10,7 @@ import torch
 import model as M
 import scfm
 
-# official near/far models per role (scfm.md §1.3 table): role 1 = teacher sample, role 2 = self sample
+# official near/far models per role (docs/method.md, section 3): scfm.TEACHER = 1, scfm.SELF = 2
 NEAR, FAR = {1: 'teacher', 2: 'fast'}, {1: 'slow', 2: 'slow'}
 
 
@@ -32,11 +32,12 @@ def bcast(v, x):
 
 def test_target_of_straight_field_is_its_velocity():
     # a field that is constant along straight paths: V(x, t) = v for every x, t. Both sub-steps then see v, and
-    # (d0 v + d1 v) / (d0 + d1) = v: a straight flow is a fixed point of the distillation (scfm.md §1.5)
+    # (d0 v + d1 v) / (d0 + d1) = v: a straight flow is a fixed point of the distillation (docs/method.md)
     x0, eps, role, t, d0, d1 = batch(dtype=torch.float32)
     assert set(role.tolist()) == {0, 1, 2}
     v = torch.randn_like(x0)
-    x_t, tgt = scfm.target(lambda which, x, tt, idx: v[idx], x0, eps, role, t, d0, d1, NEAR, FAR)
+    x_t, tgt = scfm.target(lambda which, x, tt, idx: v[idx], x0, eps, role, t, d0, d1, NEAR, FAR,
+                           cond=(torch.arange(len(role)),))
     assert torch.equal(x_t, (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps)
     w = role > 0
     # float32: (d0 v + d1 v) / (d0 + d1) rounds three times, so allow a few ulps of |v|
@@ -63,14 +64,14 @@ def recording(calls):
 
 
 @pytest.mark.parametrize('near,far', [
-    (NEAR, FAR),                                          # official dual EMA (scfm.md §1.3)
+    (NEAR, FAR),                                          # official dual EMA (docs/method.md)
     ({1: 'teacher', 2: 'slow'}, {1: 'teacher', 2: 'slow'}),  # paper's vanilla Eq. 13: one model per slice
     ({1: 'teacher', 2: 'slow'}, {1: 'slow', 2: 'slow'}),     # vanilla-mix Eq. 21 with one EMA
 ])
 def test_target_is_two_euler_substeps(near, far):
     x0, eps, role, t, d0, d1 = batch()
     calls = []
-    x_t, tgt = scfm.target(recording(calls), x0, eps, role, t, d0, d1, near, far)
+    x_t, tgt = scfm.target(recording(calls), x0, eps, role, t, d0, d1, near, far, cond=(torch.arange(len(role)),))
     # by hand, sample by sample: x1 = x_t - d0 V_near(x_t, t); x2 = x1 - d1 V_far(x1, t - d0)
     for i in range(len(role)):
         r = role[i].item()
@@ -104,10 +105,10 @@ def test_target_calls_follow_active_flags():
     x0, eps, role, t, d0, d1 = batch()
     role = torch.where(role == 1, 2, role)  # no teacher samples on this rank
     calls = []
-    scfm.target(recording(calls), x0, eps, role, t, d0, d1, NEAR, FAR, active=(True, True, True))
+    scfm.target(recording(calls), x0, eps, role, t, d0, d1, NEAR, FAR, cond=(torch.arange(len(role)),), active=(True, True, True))
     assert [w for w, _ in calls] == ['teacher', 'fast', 'slow'] and calls[0][1] == []
     calls.clear()
-    scfm.target(recording(calls), x0, eps, role, t, d0, d1, NEAR, FAR, active=(True, False, True))
+    scfm.target(recording(calls), x0, eps, role, t, d0, d1, NEAR, FAR, cond=(torch.arange(len(role)),), active=(True, False, True))
     assert [w for w, _ in calls] == ['fast', 'slow']
     calls.clear()
     x_t, tgt = scfm.target(recording(calls), x0, eps, torch.zeros_like(role), t, d0, d1, NEAR, FAR,
@@ -160,7 +161,7 @@ def test_plan_roles_and_grids(big_plan):
     p = big_plan
     role, n = p['role'], p['n']
     assert (role > 0).all()  # fm_ratio = 0
-    # scfm.md §1.4: Bernoulli(0.4) teacher per sample, n = 32; otherwise n uniform over {2, 4, 8, 16}, i.e. 15% each
+    # the official sampler: Bernoulli(0.4) teacher per sample, n = 32; otherwise n uniform over {2, 4, 8, 16}, i.e. 15% each
     assert within((role == 1).sum().item(), N, 0.4), (role == 1).float().mean()
     assert (n[role == 1] == 32).all()
     assert set(n[role == 2].unique().tolist()) == {2, 4, 8, 16}
@@ -198,7 +199,7 @@ def test_plan_windows_are_aligned_on_shifted_grids(big_plan):
 
 
 def test_plan_dynamic_shift():
-    # with prob dyn_shift_prob the shift is e^mu(L) instead (scfm.md §1.4): 1024 tokens -> mu = 0.63, s = 1.878
+    # with prob dyn_shift_prob the shift is e^mu(L) instead: 1024 tokens -> mu = 0.63, s = 1.878
     assert scfm.flux_mu(256) == 0.5 and abs(scfm.flux_mu(4096) - 1.15) < 1e-12
     p = scfm.plan(torch.Generator().manual_seed(5), 20_000, img_tokens=1024, dyn_shift_prob=0.1)
     a, s, res = fit_windows(p)

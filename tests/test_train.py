@@ -446,8 +446,10 @@ def test_aspect_ratio_buckets(runs):
     """Each step trains on one bucket (both shapes occur), and a resume on 2 processes continues the same run.
     The same runs check fm_warmup (steps 1-2 all flow matching) and snapshot_interval (the student at steps 3, 6)."""
     a, b = runs['buckets'].check(), runs['buckets_resume2'].check()
-    roles = re.findall(r'^step (\d+): .* loss_fm (\S+) loss_teacher (\S+) loss_self (\S+)', a.stdout, re.M)
-    assert [r[2:] == ('nan', 'nan') for r in roles] == [True, True, False, False, False, False], roles
+    logged = re.findall(r'^step \d+: (.*)$', a.stdout, re.M)
+    # steps 1-2 are all flow matching, and only the losses of the roles that occur are logged (never a nan)
+    assert [('loss_teacher' in m or 'loss_self' in m) for m in logged] == [False, False, True, True, True, True]
+    assert all('loss_fm' in m for m in logged[:2]) and 'nan' not in a.stdout, logged
     assert sorted(os.listdir(os.path.join(a.out_dir, 'snapshots'))) == ['model_0000003.safetensors',
                                                                        'model_0000006.safetensors']
     last = load_file(os.path.join(a.out_dir, 'snapshots', 'model_0000006.safetensors'))

@@ -1,31 +1,97 @@
 """
-Teacher data for SCFM on FLUX.1: prompts -> teacher samples -> shards in train.py's format.
+Teacher data for SCFM on FLUX.1: prompts -> the teacher's samples -> train.py's shards (README, Data).
 
-    python data/flux/prepare_teacher.py --prompts prompts.txt --out data/flux_teacher \
-        --ckpt checkpoints/flux1-dev.safetensors --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder \
-        --ae ae.safetensors --size 512x512 --steps 32 --guidance 3.5 --png
-    torchrun --standalone --nproc_per_node=8 data/flux/prepare_teacher.py ...   # rank r does chunks r, r+8, ...
+    torchrun --standalone --nproc_per_node=8 data/flux/prepare_teacher.py --prompts prompts.txt \
+        --out data/flux_teacher --ckpt checkpoints/flux1-dev.safetensors --ae ae.safetensors \
+        --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder --size 512x512 --steps 32 --guidance 3.5 --png
 
-Shard train_XXXXX.safetensors = prompts [XXXXX*chunk, (XXXXX+1)*chunk): x0 (N, 16, H/8, W/8) the teacher's
-sample as AE-scaled latent, txt (N, Lt, 4096), y (N, 768), index (N,) the prompt line numbers. Prompt i uses noise
-seed `seed + i`, so the data do not depend on the number of ranks or on restarts.
---latent final keeps the teacher's last latent; --latent reencode decodes it to an 8-bit image and encodes that
-again, as the official SCFM data pipeline (which stores images) effectively does.
-Two passes, each resumable: text embeddings for the pending chunks (then the encoders are freed), then sampling.
+train_XXXXX.safetensors: prompts [XXXXX*chunk, (XXXXX+1)*chunk) as x0 (the teacher's final latent; --latent reencode:
+through 8-bit pixels and back), txt, y, index. Prompt i uses noise seed --seed + i: the data depend neither on the
+number of ranks nor on restarts. prepare_folder.py shares the chunk machinery below.
 """
 import argparse
 import json
 import os
 import sys
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import shards as S  # noqa: E402  (also puts the repo root on sys.path)
-from sample import (cli_error, generate, get_schedule, load_ae, load_transformer, make_noise,  # noqa: E402
-                    parse_shift, parse_size, read_prompts, to_pil)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+from sample import (encode_prompts, generate, load_ae, load_text_encoders, load_transformer,  # noqa: E402
+                    make_noise, parse_shift, parse_size, read_prompts, run_cli, to_pil)
+from scfm import get_schedule  # noqa: E402
+
+
+def chunk_range(c, chunk, n_items):
+    return range(c * chunk, min((c + 1) * chunk, n_items))
+
+
+def emb_path(out, c):
+    return os.path.join(out, 'emb_tmp', f'emb_{c:05d}.safetensors')
+
+
+def save_atomic(tensors, path, metadata=None):
+    tmp = path + f'.tmp{os.getpid()}'
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
+
+
+def pending_chunks(args, meta, n_items, output):
+    """Chunk c (items [c*chunk, (c+1)*chunk)) is done exactly when output(c) exists (written under a temporary name,
+    then renamed): a rerun skips done chunks, so nothing is lost or repeated. Rank r of torchrun does chunks r, r+world,
+    ... (the ranks never talk). Sets args.rank and args.device, writes meta.json (a rerun may not change the chunking)
+    -> this rank's pending chunks, at most --max_chunks of them."""
+    args.rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if args.device.startswith('cuda') and ':' not in args.device:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per torchrun process
+    meta, path = {**meta, 'chunk': args.chunk, 'n_items': n_items}, os.path.join(args.out, 'meta.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), meta[k]) for k in ('chunk', 'n_items') if old.get(k) != meta[k]}
+        if diff:
+            raise ValueError(f'{args.out} was started with other settings {diff} (old, new): resume with the same '
+                             f'chunk size and inputs, or use a new --out')
+    os.makedirs(args.out, exist_ok=True)
+    with open(path + f'.tmp{os.getpid()}', 'w') as f:  # every rank writes it
+        json.dump(meta, f, indent=2)
+    os.replace(path + f'.tmp{os.getpid()}', path)
+    pending = [c for c in range(args.rank, -(-n_items // args.chunk), world) if not os.path.exists(output(c))]
+    if not pending:
+        print(f'rank {args.rank}: nothing to do, all chunks of {args.out} are done')
+    return pending[:args.max_chunks or None]
+
+
+def encode_pass(texts, chunks, args):
+    """Text embeddings of the chunks that have none yet -> emb_path(args.out, c). The encoders are freed on return,
+    before the caller loads the DiT / AE."""
+    todo = [c for c in chunks if not os.path.exists(emb_path(args.out, c))]
+    if not todo:
+        return
+    os.makedirs(os.path.join(args.out, 'emb_tmp'), exist_ok=True)
+    enc = load_text_encoders(args.t5, args.clip, args.device, getattr(torch, args.dtype))
+    for c in tqdm(todo, desc=f'encode text (rank {args.rank})', disable=args.quiet):
+        idx = chunk_range(c, args.chunk, len(texts))
+        txt, y = zip(*(encode_prompts([texts[j] for j in idx[i:i + args.batch]], enc, args.max_length)
+                       for i in range(0, len(idx), args.batch)))
+        save_atomic({'txt': torch.cat(txt).cpu(), 'y': torch.cat(y).cpu()}, emb_path(args.out, c))
+
+
+def add_common_args(ap):
+    ap.add_argument('--out', required=True, help='output folder for the shards')
+    ap.add_argument('--t5', required=True, help='local T5 encoder folder')
+    ap.add_argument('--clip', required=True, help='local CLIP text encoder folder')
+    ap.add_argument('--ae', required=True, help='autoencoder: ae.safetensors or a diffusers vae folder')
+    ap.add_argument('--max_length', type=int, default=512, help='T5 tokens: 512 dev, 256 schnell')
+    ap.add_argument('--chunk', type=int, default=64, help='items per shard (fixed for the life of --out)')
+    ap.add_argument('--batch', type=int, default=4, help='items per forward pass')
+    ap.add_argument('--txt_dtype', default='bfloat16', choices=['bfloat16', 'float32'], help='stored T5 embeddings')
+    ap.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'], help='compute dtype')
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--max_chunks', type=int, default=0, help='stop after this many new chunks (0 = all)')
+    ap.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
 def main(argv=None):
@@ -39,58 +105,42 @@ def main(argv=None):
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--latent', default='final', choices=['final', 'reencode'])
     ap.add_argument('--png', action='store_true', help='also save the teacher images (png/XXXXXXXX.png)')
-    S.add_common_args(ap)
-    a = ap.parse_args(argv)
-    H, W = parse_size(a.size)
-    prompts = read_prompts(a.prompts)
-    shift = parse_shift(a.shift)
-    a.rank, world, a.device = S.dist_info(a.device)
-    os.makedirs(a.out, exist_ok=True)
-    meta = {k: v for k, v in vars(a).items() if k not in ('rank', 'device', 'quiet', 'max_chunks')}
-    S.check_meta(a.out, {**meta, 'n_items': len(prompts), 'height': H, 'width': W,
-                         'schedule': get_schedule(a.steps, shift, (H // 16) * (W // 16)).tolist()})
-    shard = lambda c: os.path.join(a.out, f'train_{c:05d}.safetensors')  # noqa: E731
-    pending = [c for c in S.my_chunks(len(prompts), a.chunk, a.rank, world) if not os.path.exists(shard(c))]
-    if a.max_chunks:
-        pending = pending[:a.max_chunks]
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    H, W = parse_size(args.size)
+    prompts = read_prompts(args.prompts)
+    shift = parse_shift(args.shift)
+    settings = {k: v for k, v in vars(args).items() if k not in ('device', 'quiet', 'max_chunks')}
+    schedule = get_schedule(args.steps, shift, (H // 16) * (W // 16)).tolist()
+    shard = lambda c: os.path.join(args.out, f'train_{c:05d}.safetensors')  # noqa: E731
+    pending = pending_chunks(args, {**settings, 'height': H, 'width': W, 'schedule': schedule}, len(prompts), shard)
     if not pending:
-        print(f'rank {a.rank}: nothing to do, all chunks of {a.out} exist')
         return
-    emb_dir = os.path.join(a.out, 'emb_tmp')
-    S.encode_pass(prompts, pending, a.chunk, emb_dir, a)
+    encode_pass(prompts, pending, args)
 
-    dtype = getattr(torch, a.dtype)
-    model = load_transformer(a.ckpt, a.device, dtype)
-    ae = load_ae(a.ae, a.device, dtype)
-    C = model.config.in_channels // 4
-    if a.png:
-        os.makedirs(os.path.join(a.out, 'png'), exist_ok=True)
-    for c in tqdm(pending, desc=f'teacher (rank {a.rank})', disable=a.quiet):
-        emb = S.load_emb(emb_dir, c)
-        idx = list(S.chunk_range(c, a.chunk, len(prompts)))
-        x0 = []
-        for i in range(0, len(idx), a.batch):
-            ids = idx[i:i + a.batch]
-            noise = make_noise([a.seed + j for j in ids], C, H // 8, W // 8)
-            t, y = emb['txt'][i:i + a.batch].to(a.device), emb['y'][i:i + a.batch].to(a.device)
-            img, z = generate(model, ae, t, y, noise, a.steps, shift, a.guidance, return_latents=True)
-            pils = to_pil(img)
-            if a.latent == 'reencode':  # through 8-bit pixels and back, like training on saved images
-                pix = torch.from_numpy(np.stack([np.asarray(p) for p in pils])).permute(0, 3, 1, 2)
-                z = ae.encode((pix.to(a.device, dtype) / 127.5 - 1)).float()
-            if a.png:
-                for j, p in zip(ids, pils):
-                    p.save(os.path.join(a.out, 'png', f'{j:08d}.png'))
+    dtype = getattr(torch, args.dtype)
+    net, ae = load_transformer(args.ckpt, args.device, dtype), load_ae(args.ae, args.device, dtype)
+    if args.png:
+        os.makedirs(os.path.join(args.out, 'png'), exist_ok=True)
+    for c in tqdm(pending, desc=f'teacher (rank {args.rank})', disable=args.quiet):
+        emb, idx, x0 = load_file(emb_path(args.out, c)), chunk_range(c, args.chunk, len(prompts)), []
+        for i in range(0, len(idx), args.batch):
+            ids = idx[i:i + args.batch]
+            noise = make_noise([args.seed + j for j in ids], net.config.in_channels // 4, H // 8, W // 8)
+            txt, y = emb['txt'][i:i + args.batch].to(args.device), emb['y'][i:i + args.batch].to(args.device)
+            img, z = generate(net, ae, txt, y, noise, args.steps, shift, args.guidance, return_latents=True)
+            if args.latent == 'reencode':  # through 8-bit pixels and back (to_pil's rounding)
+                z = ae.encode((img * 255).round().to(dtype) / 127.5 - 1)
+            if args.png:
+                for j, pil in zip(ids, to_pil(img)):
+                    pil.save(os.path.join(args.out, 'png', f'{j:08d}.png'))
             x0.append(z.float().cpu())
-        S.save_atomic({'x0': torch.cat(x0), 'txt': emb['txt'].to(getattr(torch, a.txt_dtype)), 'y': emb['y'].float(),
-                       'index': torch.tensor(idx, dtype=torch.int64)}, shard(c),
-                      metadata={'format': 'scfm-shard-v1', 'source': 'teacher', 'settings': json.dumps(meta)})
-        os.remove(os.path.join(emb_dir, f'emb_{c:05d}.safetensors'))
-    print(f'rank {a.rank}: wrote {len(pending)} shard(s) to {a.out}')
+        save_atomic({'x0': torch.cat(x0), 'txt': emb['txt'].to(getattr(torch, args.txt_dtype)), 'y': emb['y'].float(),
+                     'index': torch.tensor(idx)}, shard(c),
+                    metadata={'format': 'scfm-shard-v1', 'source': 'teacher', 'settings': json.dumps(settings)})
+        os.remove(emb_path(args.out, c))
+    print(f'rank {args.rank}: wrote {len(pending)} shard(s) to {args.out}')
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(cli_error(e))
+    run_cli(main)

@@ -26,11 +26,6 @@ def mean_score(bed, net, steps, refs):
             'rmse': float(np.mean([r['rmse'] for r in scores]))}
 
 
-def over_seeds(scores):
-    """[{metric: value} per training seed] -> {metric: (mean, std over training seeds)}"""
-    return {m: mean_std([r[m] for r in scores]) for m in scores[0]}
-
-
 def fmt(ms, digits=2):
     return f'{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}'
 
@@ -71,7 +66,7 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
             curves.setdefault(strategy, {}).setdefault(step, []).append(mean_score(bed, net, 3, bed['ref']))
     if not curves:
         return []
-    summary = results[name] = {n: {st: over_seeds(v) for st, v in sorted(c.items())} for n, c in curves.items()}
+    summary = results[name] = {n: {st: mean_std(v) for st, v in sorted(c.items())} for n, c in curves.items()}
     series = lambda m: {n: ([0, *c], [start[m]] + [v[m][0] for v in c.values()]) for n, c in summary.items()}
     line_plot(os.path.join(out, f'{name}_curves.png'), [('student 3-step FID (mean over training seeds)',
               series('fid')), ('student 3-step RMSE to teacher-32', series('rmse'))])
@@ -130,7 +125,7 @@ def main(argv=None):
             models = [teacher] if runs is None else [load_model(runs.format(s=s), args.teacher) for s in have(runs)]
             # pretraining has no teacher to compare with: RMSE to each model's own 32-step samples
             refs = [score(bed, m, 32)[0] if key == 'pretrain' else bed['ref'] for m in models]
-            results[key] += [(name, n, over_seeds([mean_score(bed, m, n, r) for m, r in zip(models, refs)]))
+            results[key] += [(name, n, mean_std([mean_score(bed, m, n, r) for m, r in zip(models, refs)]))
                              for n in steps if models]
         rmse = 'RMSE to own 32-step' if key == 'pretrain' else 'RMSE to teacher-32'
         md += [title, '', f'| model | steps | FID ↓ | acc % ↑ | {rmse} ↓ |', '|---|---|---|---|---|']

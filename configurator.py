@@ -11,7 +11,6 @@ from ast import literal_eval as _literal_eval
 
 _print = print if int(_os.environ.get('RANK', 0)) == 0 else (lambda *a, **k: None)
 
-
 def _coerce(_key, _v, _old, _where):
     if isinstance(_old, float) and type(_v) is int:
         return float(_v)  # --lr=1 means 1.0
@@ -20,7 +19,6 @@ def _coerce(_key, _v, _old, _where):
     if _old is not None and _v is not None and type(_v) is not type(_old):
         raise ValueError(f'{_where}: {_key} expects {type(_old).__name__}, got {_v!r}')
     return _v
-
 
 for _arg in _sys.argv[1:]:
     if not _arg.startswith('--'):  # a config file

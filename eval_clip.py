@@ -30,7 +30,6 @@ import model
 from sample import (DTYPES, add_sampling_args, encode_batches, generate, load_ae, load_transformer, make_noise,
                     parse_shift, parse_size, read_prompts, run_cli, to_pil)
 
-
 def fid(feats1, feats2):
     """Frechet distance between Gaussians fitted to two feature sets (rows = samples; covariances with ddof=1):
     |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^{1/2}. With S_i = X_i^T X_i / n_i (X_i centred), the nonzero
@@ -41,7 +40,6 @@ def fid(feats1, feats2):
     x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
     tr_covmean = np.linalg.svd(x1 @ x2.T / np.sqrt(n1 * n2), compute_uv=False).sum()
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (x1 ** 2).sum() / n1 + (x2 ** 2).sum() / n2 - 2 * tr_covmean)
-
 
 @torch.no_grad()
 def inception_features(images, device='cpu', batch_size=50):
@@ -63,13 +61,11 @@ def inception_features(images, device='cpu', batch_size=50):
         feats.append((f.mean((2, 3)) if f.ndim > 2 else f).double().cpu().numpy())
     return np.concatenate(feats)
 
-
 def inception(images_u8, device):
     """uint8 (3, H, W) images of any sizes -> (N, 2048) FID features."""
     resized = [F.interpolate(im[None].float(), size=(299, 299), mode='bilinear', align_corners=False)[0]
                for im in images_u8]
     return inception_features(torch.stack(resized) / 127.5 - 1, device)
-
 
 def load_clip_scorer(path, device='cpu'):
     from transformers import CLIPModel, CLIPProcessor
@@ -78,10 +74,8 @@ def load_clip_scorer(path, device='cpu'):
     return (CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval(),
             CLIPProcessor.from_pretrained(path, local_files_only=True))
 
-
 def _features(out):  # transformers 5 may return a model output instead of the bare embedding
     return out if torch.is_tensor(out) else out.pooler_output
-
 
 @torch.no_grad()
 def clip_scores(images_u8, texts, scorer, batch=16):
@@ -99,7 +93,6 @@ def clip_scores(images_u8, texts, scorer, batch=16):
         out.append((100 * cos.clamp(min=0)).double().cpu())
     return torch.cat(out)
 
-
 def read_image_folder(folder):
     """-> list of uint8 (3, H, W) tensors (any sizes)."""
     from PIL import Image
@@ -115,7 +108,6 @@ def read_image_folder(folder):
         except Exception as e:
             raise ValueError(f'{os.path.join(folder, f)}: cannot read image ({e})') from None
     return [t.permute(2, 0, 1) for t in out]
-
 
 def summarize(args, parts, world, device):
     """rank 0: gather the per-rank results into results.json and a one-row results.md."""
@@ -142,7 +134,6 @@ def summarize(args, parts, world, device):
     with open(os.path.join(args.out, 'results.md'), 'w') as f:
         f.write(head + row + '\n')
     print(head + row)
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description='CLIP score / FID of a Flux few-step sampler over a prompt file.')
@@ -204,7 +195,6 @@ def main(argv=None):
         print(f'total {time.time() - t0:.1f} s')
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == '__main__':
     run_cli(main)

@@ -4,10 +4,10 @@ The CPU digits testbed's quality table: teacher vs few-step student, one command
     python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors \
         --student out/digits_scfm/model.safetensors --out out/digits_eval
 
-Each row samples the same noise and prompts ("a handwritten digit {c}") and reports: FID against the held-out test
-images in the feature space of a small digit classifier (trained once, cached; "real (train)" is the floor), how
-often the classifier reads the prompted digit, the RMSE to the teacher's most-step sample from the same noise, and the
-wall time; mean ± std (ddof=1) over --seeds seed sets. Writes table.md, results.json and grid.png to --out.
+Every row samples the same noise and prompts ("a handwritten digit {c}"): FID against the test images in the
+feature space of a small digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the
+prompted digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over
+--seeds seed sets. Writes table.md, results.json and grid.png to --out.
 """
 import argparse
 import glob
@@ -30,10 +30,10 @@ from sample import generate, load_transformer, make_grid, to_pil
 def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):
     """A full model, or a LoRA file (any '.lora_' keys: train.py's export with lora_rank > 0) merged into the
     teacher at lora_scale."""
-    with safe_open(path, 'pt') as f:
-        lora = any('.lora_' in k for k in f.keys())
-    if lora:
-        return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
+    if os.path.isfile(path):  # not a diffusers folder
+        with safe_open(path, 'pt') as f:
+            if any('.lora_' in k for k in f.keys()):
+                return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
     return load_transformer(path, device)
 
 
@@ -95,10 +95,10 @@ def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
     clf, clf_acc = get_classifier(classifier or os.path.join(data_dir, 'classifier.safetensors'), train, test, epochs)
     prompts = load_file(os.path.join(data_dir, 'prompts.safetensors'))
     labels = torch.arange(10).repeat(samples_per_class)
-    shape = (len(labels), *test['x0'].shape[1:])
     return dict(train=train, test=test, clf=clf, clf_acc=clf_acc, test_feats=classify(clf, test['x0'])[0],
                 labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels],
-                noise=[torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+                noise=[torch.randn(len(labels), *test['x0'].shape[1:], generator=torch.Generator().manual_seed(s))
+                       for s in seeds])
 
 
 def measure(bed, x, labels):
@@ -151,14 +151,15 @@ def evaluate(args):
     return write_results(args, bed, ref, {key: rows[key] for key in [real] + samplers}, first)
 
 
-def mean_std(v):
-    v = np.asarray(v, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+def mean_std(scores):
+    """[{metric: value}, one per seed] -> {metric: (mean, std with ddof=1)}, over the seeds that have the metric."""
+    values = {m: np.asarray([r[m] for r in scores if m in r], np.float64) for m in scores[0]}
+    return {m: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) for m, v in values.items()}
 
 
 def write_results(args, bed, ref, per_seed, first):
     """Per-seed metrics -> results.json, table.md (printed too) and grid.png (a real test image per digit on top)."""
-    rows = [{'sampler': name, 'steps': steps, **{m: mean_std([r[m] for r in rs if m in r]) for m in rs[0]},
+    rows = [{'sampler': name, 'steps': steps, **mean_std(rs),
              'per_seed': {m: [r[m] for r in rs if m in r] for m in rs[0]}} for (name, steps), rs in per_seed.items()]
     n_test = len(bed['test']['x0'])
     student_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
@@ -172,8 +173,9 @@ def write_results(args, bed, ref, per_seed, first):
         lines.append(f'| {r["sampler"]} | {r["steps"]} | {r["fid"][0]:.2f} ± {r["fid"][1]:.2f} | '
                      f'{100 * r["acc"][0]:.1f} ± {100 * r["acc"][1]:.1f} | {rmse} | {wall} |')
     if args.inception:
+        named = [(r['sampler'] + ('' if r['steps'] == '–' else f'-{r["steps"]}'), r['fid_inception'][0]) for r in rows]
         lines += ['', f'Inception FID (2048-d, first seed set only, {len(bed["labels"])} samples vs {n_test} test '
-                  'images): ' + '; '.join(f'{r["sampler"]} {r["steps"]}: {r["fid_inception"][0]:.1f}' for r in rows)]
+                  'images): ' + '; '.join(f'{name} {value:.1f}' for name, value in named)]
     table = '\n'.join(lines) + '\n'
     print('\n' + table)
     os.makedirs(args.out, exist_ok=True)
@@ -207,7 +209,7 @@ def main(argv=None):
     p.add_argument('--student_steps', type=int_list, default=[1, 2, 3, 4, 8])
     p.add_argument('--samples_per_class', type=int, default=20)
     p.add_argument('--seeds', type=int_list, default=[0, 1, 2], help='one seed set per value; mean ± std over them')
-    p.add_argument('--shift', type=float, default=1.0, help='timestep shift s of the Euler grid; 1 = uniform, best for '
+    p.add_argument('--shift', type=float, default=1.0, help='timestep shift of the Euler grid; 1 = uniform, best for '
                    'the 8x8 teacher at few steps (SCFM trains students on s ~ U[2.5, 4.5), Flux samples at ~3)')
     p.add_argument('--student_shift', type=float, help='shift for the student rows (default: --shift)')
     p.add_argument('--guidance', type=float, default=1.0, help='embedded guidance value, if the model has guidance_in')

@@ -32,7 +32,6 @@ class FluxConfig:
     qkv_bias: bool = True
     guidance_embed: bool = True    # FLUX.1-dev is guidance-distilled; schnell is not
 
-
 PRESETS = {
     'flux-dev': FluxConfig(),
     'flux-schnell': FluxConfig(guidance_embed=False),
@@ -57,7 +56,6 @@ def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return emb.to(t.dtype) if torch.is_floating_point(t) else emb
 
-
 def rope(ids, axes_dim, theta):
     # ids (B, L, 3) -> RoPE's (cos, sin), each (B, L, 1, head_dim) in fp32: the angle of pair k of axis i is
     # pos_i * theta^(-2k/dim_i), repeated for both members of its (interleaved) pair, so applying it is plain
@@ -69,7 +67,6 @@ def rope(ids, axes_dim, theta):
     angles = torch.cat(angles, -1).repeat_interleave(2, -1).unsqueeze(2)
     return torch.cos(angles), torch.sin(angles)
 
-
 def apply_rope(x, pe):
     # x: (B, L, H, D) as D/2 pairs (x0, x1); pair k becomes (cos*x0 - sin*x1, sin*x0 + cos*x1), in fp32
     cos, sin = pe
@@ -78,7 +75,6 @@ def apply_rope(x, pe):
     rotated = torch.stack((-x1, x0), dim=-1).flatten(-2)
     return (xf * cos + rotated * sin).type_as(x)
 
-
 def attention(q, k, v, pe):
     # q, k, v: (B, L, H, D), contiguous, so RoPE's elementwise ops vectorise; SDPA takes (B, H, L, D) views and its
     # output comes back laid out as (B, L, H, D), so "B H L D -> B L (H D)" is a view, not a copy
@@ -86,12 +82,10 @@ def attention(q, k, v, pe):
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)
 
-
 def add_linear(out, x, weight, alpha):
     # out + alpha * x @ weight.T as one GEMM accumulating into out (addmm, beta=1): LoRA's up-projection without
     # separate scale and add passes over the wide output
     return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
-
 
 class Linear(nn.Linear):
     def forward(self, x, split=None):
@@ -103,11 +97,9 @@ class Linear(nn.Linear):
         biases = self.bias.split(split) if self.bias is not None else [None] * len(split)
         return [F.linear(x, w, b) for w, b in zip(self.weight.split(split), biases)]
 
-
 def layer_norm(x):
     # every LayerNorm in Flux is affine-free with eps 1e-6, so a function is enough (no parameters to name)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim):
@@ -118,7 +110,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
 
-
 class QKNorm(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -126,7 +117,6 @@ class QKNorm(nn.Module):
 
     def forward(self, q, k, v):
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
-
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim, hidden_dim):
@@ -137,7 +127,6 @@ class MLPEmbedder(nn.Module):
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
 
-
 class Modulation(nn.Module):
     # adaLN: (shift, scale, gate) per sub-layer, from the conditioning vector
     def __init__(self, dim, n):
@@ -147,7 +136,6 @@ class Modulation(nn.Module):
 
     def forward(self, vec):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
-
 
 class AttentionProjections(nn.Module):  # q, k, v and the output projection; the blocks attend jointly
     def __init__(self, dim, num_heads, qkv_bias):
@@ -162,14 +150,11 @@ class AttentionProjections(nn.Module):  # q, k, v and the output projection; the
         q, k = self.norm(q, k, v)
         return q, k, v
 
-
 def heads(x, num_heads):
     return x.unflatten(-1, (num_heads, -1))  # "B L (H D) -> B L H D"
 
-
 def mlp(dim, hidden):
     return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate='tanh'), Linear(hidden, dim))
-
 
 def modulate(x, shift, scale):
     return (1 + scale) * layer_norm(x) + shift
@@ -200,7 +185,6 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
         return img, txt
 
-
 class SingleStreamBlock(nn.Module):
     # one fused linear computes qkv and the MLP input; a second fuses the attention out-proj and MLP out
     def __init__(self, dim, num_heads, mlp_ratio):
@@ -219,7 +203,6 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(h, approximate='tanh')), 2))
         return x + gate * out
-
 
 class LastLayer(nn.Module):
     def __init__(self, dim, out_channels):
@@ -335,12 +318,10 @@ def pack(x, p=2):
         raise ValueError(f'latent size {H}x{W} must be a multiple of the patch size {p}')
     return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
 
-
 def unpack(x, h, w, p=2):
     """(B, L, C*p*p) -> (B, C, h, w) with h, w the unpacked latent size."""
     B, L, D = x.shape
     return x.view(B, h // p, w // p, D // (p * p), p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, D // (p * p), h, w)
-
 
 def make_img_ids(h, w, p=2, device=None):
     """(h/p * w/p, 3) ids (0, row, col) over the packed token grid; h, w = unpacked latent size."""
@@ -348,7 +329,6 @@ def make_img_ids(h, w, p=2, device=None):
     ids[..., 1] = torch.arange(h // p, device=device)[:, None]
     ids[..., 2] = torch.arange(w // p, device=device)[None, :]
     return ids.reshape(-1, 3)
-
 
 def make_txt_ids(length, device=None):
     return torch.zeros(length, 3, device=device)
@@ -358,7 +338,6 @@ def make_txt_ids(length, device=None):
 # the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
 
 LORA_ALL = r'.*'  # target pattern over BFL module names: every nn.Linear
-
 
 class LoRALinear(Linear):
     def __init__(self, in_features, out_features, bias=True, rank=4, alpha=None, device=None, dtype=None):
@@ -381,7 +360,6 @@ class LoRALinear(Linear):
             return add_linear(out, down, self.lora_B, factor)
         return [add_linear(o, down, up, factor) for o, up in zip(out, self.lora_B.split(split))]
 
-
 def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
     """Swap every nn.Linear whose module name fully matches the regex `targets` for a LoRALinear, in place.
     Base weights are kept (same tensors, same names); works on the meta device too. Returns the wrapped names."""
@@ -400,15 +378,12 @@ def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
         raise ValueError(f'LoRA targets {targets!r} matched no nn.Linear in the model')
     return names
 
-
 def lora_modules(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
 
 def set_lora_scale(model, scale):
     for m in lora_modules(model).values():
         m.scale = scale
-
 
 @torch.no_grad()
 def merge_lora(model):
@@ -419,13 +394,11 @@ def merge_lora(model):
             m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
             m.scale = 0.0
 
-
 def lora_state_dict(model):
     """Our native LoRA file: '<bfl module>.lora_A.weight', '.lora_B.weight', '.alpha' (like BFL's own LoRAs)."""
     return {k: v for name, m in lora_modules(model).items() for k, v in (
         (f'{name}.lora_A.weight', m.lora_A.detach()), (f'{name}.lora_B.weight', m.lora_B.detach()),
         (f'{name}.alpha', torch.tensor(m.alpha)))}
-
 
 @torch.no_grad()
 def load_lora_state_dict(model, sd, source='LoRA state dict'):
@@ -461,7 +434,6 @@ def load_lora_state_dict(model, sd, source='LoRA state dict'):
     if missing:
         raise KeyError(f'{source}: no LoRA weights for {len(missing)} module(s), e.g. {missing[:3]}')
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The FLUX.1 autoencoder (BFL's modules/autoencoder.py): 8x spatial downsampling to 16 latent channels, module names
 # as in BFL's ae.safetensors (diffusers AutoencoderKL weights go through convert_weights.py). BFL's per-level
@@ -480,16 +452,13 @@ class AutoEncoderConfig:
     shift_factor: float = 0.1159
     norm_groups: int = 32  # 32 in Flux; configurable so tiny models can have few channels
 
-
 AE_PRESETS = {
     'flux': AutoEncoderConfig(),  # 83,819,683 parameters
     'tiny': AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), norm_groups=8),  # the same latent shape, ~1.8M params
 }
 
-
 def group_norm(c, groups):
     return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
-
 
 class AttnBlock(nn.Module):  # single-head self-attention over all H*W positions, 1x1-conv projections
     def __init__(self, c, groups):
@@ -504,7 +473,6 @@ class AttnBlock(nn.Module):  # single-head self-attention over all H*W positions
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
-
 class ResnetBlock(nn.Module):  # (GN, swish, conv3x3) twice plus a residual (a 1x1 conv when the width changes)
     def __init__(self, c_in, c_out, groups):
         super().__init__()
@@ -517,7 +485,6 @@ class ResnetBlock(nn.Module):  # (GN, swish, conv3x3) twice plus a residual (a 1
         h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
         return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
 
-
 class Resample(nn.Module):  # stride-2 conv after a right/bottom pad (down) or nearest 2x then conv (up)
     def __init__(self, c, down):
         super().__init__()
@@ -526,12 +493,10 @@ class Resample(nn.Module):  # stride-2 conv after a right/bottom pad (down) or n
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
-
 def mid_block(c, groups):
     mid = nn.Sequential()  # BFL's names: mid.block_1, mid.attn_1, mid.block_2
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
     return mid
-
 
 def level(blocks, resample_name=None, resample=None):
     out = nn.Module()
@@ -539,7 +504,6 @@ def level(blocks, resample_name=None, resample=None):
     if resample is not None:
         setattr(out, resample_name, resample)
     return out
-
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
@@ -562,7 +526,6 @@ class Encoder(nn.Module):
             if hasattr(lvl, 'downsample'):
                 h = lvl.downsample(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
@@ -587,7 +550,6 @@ class Decoder(nn.Module):
             if hasattr(lvl, 'upsample'):
                 h = lvl.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
 
 class AutoEncoder(nn.Module):
     def __init__(self, cfg: AutoEncoderConfig):

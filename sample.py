@@ -21,7 +21,6 @@ import convert_weights
 import model
 from scfm import get_schedule
 
-
 @torch.no_grad()
 def denoise(net, x, img_ids, txt, txt_ids, y, timesteps, guidance=None):
     """Euler from timesteps[0] to timesteps[-1] on packed tokens x (B, L, C); net has model.Flux's signature.
@@ -39,29 +38,23 @@ def denoise(net, x, img_ids, txt, txt_ids, y, timesteps, guidance=None):
 # Text encoders: T5 last_hidden_state and CLIP-L pooler_output, padding='max_length', truncation and no attention
 # mask anywhere, exactly as BFL and diffusers' FluxPipeline do (docs/method.md, section 7)
 
-
 def load_text_encoders(t5_dir, clip_dir, device='cpu', dtype=torch.float32):
     """Local folders only (nothing is downloaded): a T5EncoderModel and a CLIPTextModel, each with its tokenizer in
     the same folder or, as in a diffusers FLUX.1 snapshot, in the sibling tokenizer_2 / tokenizer folder."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-
-    def folders(path, what, tok_sibling):
+    out = {}
+    for key, path, what, sibling, enc, tok in (('t5', t5_dir, 'T5 encoder', 'tokenizer_2', T5EncoderModel, AutoTokenizer),
+                                               ('clip', clip_dir, 'CLIP text encoder', 'tokenizer', CLIPTextModel,
+                                                CLIPTokenizer)):
         if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f'{what} folder {path!r} does not exist (a local folder is needed: '
-                                    f'nothing is downloaded)')
-        sib = os.path.join(os.path.dirname(os.path.normpath(path)), tok_sibling)
+            raise FileNotFoundError(f'{what} folder {path!r} does not exist (a local folder: nothing is downloaded)')
+        sibling = os.path.join(os.path.dirname(os.path.normpath(path)), sibling)
         has_tok = any(os.path.exists(os.path.join(path, f)) for f in ('tokenizer.json', 'tokenizer_config.json',
                                                                       'spiece.model', 'vocab.json'))
-        return path, (path if has_tok or not os.path.isdir(sib) else sib)
-
-    t5_model, t5_tok = folders(t5_dir, 'T5 encoder', 'tokenizer_2')
-    clip_model, clip_tok = folders(clip_dir, 'CLIP text encoder', 'tokenizer')
-    kw = dict(dtype=dtype, local_files_only=True)
-    return dict(t5=T5EncoderModel.from_pretrained(t5_model, **kw).to(device).eval().requires_grad_(False),
-                t5_tok=AutoTokenizer.from_pretrained(t5_tok, local_files_only=True),
-                clip=CLIPTextModel.from_pretrained(clip_model, **kw).to(device).eval().requires_grad_(False),
-                clip_tok=CLIPTokenizer.from_pretrained(clip_tok, local_files_only=True))
-
+        out[key] = enc.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval().requires_grad_(False)
+        out[key + '_tok'] = tok.from_pretrained(sibling if os.path.isdir(sibling) and not has_tok else path,
+                                                local_files_only=True)
+    return out
 
 @torch.no_grad()
 def encode_prompts(prompts, enc, max_length=512):
@@ -79,7 +72,6 @@ def encode_prompts(prompts, enc, max_length=512):
 # ----------------------------------------------------------------------------------------------------------
 # Models and the sampler
 
-
 def load_transformer(path, device='cpu', dtype=torch.float32, lora=None, lora_scale=1.0, merge=False):
     """The one model loader: a train.py export or BFL file (config from the metadata or the shapes) or a diffusers
     folder, read one tensor at a time; optionally a LoRA file (ours, diffusers/PEFT or kohya), kept as a separate
@@ -96,7 +88,6 @@ def load_transformer(path, device='cpu', dtype=torch.float32, lora=None, lora_sc
             model.merge_lora(net)
     return net.eval().requires_grad_(False)
 
-
 def load_ae(path, device='cpu', dtype=torch.float32):
     cfg, tensors = convert_weights.read_ae(path, dtype)
     with torch.device('meta'):
@@ -104,11 +95,9 @@ def load_ae(path, device='cpu', dtype=torch.float32):
     ae.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
     return ae.eval().requires_grad_(False)
 
-
 def make_noise(seeds, channels, h, w):
     """One fp32 CPU generator per image, so image i depends on its own seed only (not on batch size or rank)."""
     return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
 
 @torch.no_grad()
 def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, neg_txt=None, neg_y=None,
@@ -146,13 +135,11 @@ def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, n
     img = (ae.decode(z.to(next(ae.parameters()).dtype)).float() / 2 + 0.5).clamp(0, 1)  # diffusers' postprocess
     return (img, z) if return_latents else img
 
-
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> list of PIL images (rounded like diffusers' numpy_to_pil)."""
     from PIL import Image
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype('uint8')
     return [Image.fromarray(a) for a in arr]
-
 
 def make_grid(pils, cols=None, row_labels=None):
     """PIL images -> one PIL grid, row-major; row_labels: a text per row, written in a left margin."""
@@ -170,7 +157,6 @@ def make_grid(pils, cols=None, row_labels=None):
 # ----------------------------------------------------------------------------------------------------------
 # Command line (sample.py and eval_clip.py)
 
-
 def read_prompts(path):
     """One prompt per non-empty line."""
     with open(path, encoding='utf-8') as f:
@@ -178,7 +164,6 @@ def read_prompts(path):
     if not prompts:
         raise ValueError(f'prompt file {path!r} has no prompts (one per line expected)')
     return prompts
-
 
 def parse_size(size):
     """'HEIGHTxWIDTH' in pixels -> (H, W); multiples of 16 (8x autoencoder, then 2x2 patches)."""
@@ -190,7 +175,6 @@ def parse_size(size):
         raise ValueError(f'size {h}x{w}: height and width must be positive multiples of 16 (8x AE, 2x2 patches)')
     return h, w
 
-
 def parse_shift(shift):
     if shift == 'dynamic':
         return None
@@ -199,7 +183,6 @@ def parse_shift(shift):
     except ValueError:
         raise ValueError(f"--shift {shift!r}: a number (e.g. 3.0) or 'dynamic'") from None
 
-
 def run_cli(main):
     """Run a script's main; the errors we raise on bad input print as one line (exit status 1), not a traceback."""
     try:
@@ -207,9 +190,7 @@ def run_cli(main):
     except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError's str() would add quotes
         sys.exit(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}')
 
-
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
-
 
 def add_sampling_args(ap, out):
     """The options sample.py and eval_clip.py share: the models, the sampler and the output folder."""
@@ -231,7 +212,6 @@ def add_sampling_args(ap, out):
     ap.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
-
 def encode_batches(prompts, args, device, extra=()):
     """Encode prompts (and the extra texts) in batches of args.batch, then free the encoders before the DiT loads.
     -> list of (txt, y) per batch, and the (txt, y) of each extra text."""
@@ -242,7 +222,6 @@ def encode_batches(prompts, args, device, extra=()):
     if device.startswith('cuda'):
         torch.cuda.empty_cache()
     return out, extra
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description='Few-step Flux sampling (teacher or SCFM student LoRA).')
@@ -260,7 +239,8 @@ def main(argv=None):
     H, W = parse_size(args.size)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     shift = parse_shift(args.shift)
-    for path, what in ((args.ckpt, '--ckpt'), (args.ae, '--ae'), (args.lora, '--lora')):
+    for path, what in ((args.ckpt, '--ckpt'), (args.ae, '--ae'), (args.lora, '--lora'), (args.t5, '--t5'),
+                       (args.clip, '--clip')):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'{what} {path!r} does not exist')
     dtype, dev, t0 = DTYPES[args.dtype], args.device, time.time()
@@ -288,7 +268,6 @@ def main(argv=None):
         json.dump(settings, f, indent=2)
     print(f'wrote {len(pils)} images + grid.png + settings.json to {args.out} '
           f'({settings["sample_seconds"]:.1f} s sampling)')
-
 
 if __name__ == '__main__':
     run_cli(main)

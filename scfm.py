@@ -9,16 +9,13 @@ import math
 
 import torch
 
-
 def shifted(g, s):
     """The SD3/Flux timestep shift of a grid g in [0, 1]; s = e^mu gives Flux's resolution-dependent shift."""
     return s * g / (1 + (s - 1) * g)
 
-
 def flux_mu(img_tokens):
     """FLUX.1-dev's resolution-dependent shift is s = e^mu, mu linear in the packed image token count."""
     return 0.5 + (img_tokens - 256) * (1.15 - 0.5) / (4096 - 256)
-
 
 def get_schedule(num_steps, shift=1.0, image_seq_len=None):
     """The (num_steps+1,) float64 sampling grid from exactly 1.0 down to exactly 0.0: the uniform grid, shifted by
@@ -31,10 +28,8 @@ def get_schedule(num_steps, shift=1.0, image_seq_len=None):
         raise ValueError(f'shift must be > 0, got {shift}')
     return shifted(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift)
 
-
 FM, TEACHER, SELF = 0, 1, 2  # a sample's role: flow matching on data, a teacher window, a self window
 ROLES = ('fm', 'teacher', 'self')
-
 
 def plan(gen, batch_size, img_tokens, fm_ratio=0.0, teacher_ratio=0.4, teacher_steps=32, self_steps=(2, 4, 8, 16),
          shift_range=(2.5, 4.5), dyn_shift_prob=0.0, fm_t='logit_normal', guidance_range=(0.0, 7.5)):
@@ -58,7 +53,6 @@ def plan(gen, batch_size, img_tokens, fm_ratio=0.0, teacher_ratio=0.4, teacher_s
     t0 = torch.where(role == FM, t_fm.double(), t0)
     guidance = guidance_range[0] + (guidance_range[1] - guidance_range[0]) * torch.rand(B, generator=gen)
     return dict(role=role, t=t0.float(), d0=(t0 - t1).float(), d1=(t1 - t2).float(), n=n.long(), guidance=guidance)
-
 
 @torch.no_grad()
 def target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(), active=(True, True, True)):

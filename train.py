@@ -148,7 +148,6 @@ os.makedirs(out_dir, exist_ok=True)
 # data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv), grouped in buckets of one sample shape; samples are read one
 # by one from the memory-mapped files
 
-
 def open_buckets(data_dir):
     """One bucket (a list of (shard, size)) for data_dir's own train*.safetensors and one per sub-folder holding
     some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
@@ -164,7 +163,6 @@ def open_buckets(data_dir):
                                 f'(run data/<name>/prepare.py)')
     return buckets
 
-
 def open_shard(path):
     f = safe_open(path, 'pt')
     need = {'x0', 'txt', 'y'} - set(f.keys())
@@ -179,7 +177,6 @@ def open_shard(path):
                          f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')
     return f, x[0]
 
-
 def get_samples(shards, indices):
     """Sample indices within a bucket -> stacked (x0, txt, y) on the device."""
     out = {'x0': [], 'txt': [], 'y': []}
@@ -191,7 +188,6 @@ def get_samples(shards, indices):
         for k in out:
             out[k].append(f.get_slice(k)[i:i + 1])
     return [torch.cat(v).float().to(device) for v in out.values()]
-
 
 def batch_indices(bucket, pos):
     """The bucket's pos-th global batch: a walk through seeded per-epoch permutations of the bucket (resumable from
@@ -234,7 +230,6 @@ net.to_empty(device=device)
 params = dict(net.named_parameters())
 trainable = {n: p for n, p in params.items() if p.requires_grad}
 
-
 def initial_weights():
     """Yields (name, full CPU tensor) one at a time: the base weights streamed from init_from, the rest (a model
     from scratch, the LoRA factors) from a seeded CPU init that is identical on every rank."""
@@ -264,7 +259,6 @@ def initial_weights():
             m.reset_lora()
     yield from ((n, p.detach()) for n, p in ref.named_parameters() if n in base or '.lora_' in n)
 
-
 with torch.no_grad():
     for n, full in initial_weights():
         p, full = params[n], full.to(device, params[n].dtype)
@@ -276,18 +270,15 @@ print0(f'model {model}: {sum(p.numel() for p in params.values()) / 1e6:.2f}M par
        f'{sum(p.numel() for p in trainable.values()) / 1e6:.3f}M trainable, '
        f'frozen in {next((str(p.dtype)[6:] for p in frozen), "-")}, {world} process(es) on {device_type}, {dtype}')
 
-
 # weight sets as local shards: no communication to update, swap or reset them
 def local(tensors):
     return [t.to_local() if hasattr(t, 'to_local') else t for t in tensors]
-
 
 student_w = local(trainable.values())
 ema_fast_w = [p.detach().clone() for p in trainable.values()]  # DTensors, so checkpoints reshard them
 ema_slow_w = [p.detach().clone() for p in trainable.values()]
 teacher_w = [p.detach().clone() for p in trainable.values()] if teacher == 'copy' else None
 stash = [t.clone() for t in student_w]
-
 
 @contextmanager
 def weights(which):
@@ -308,22 +299,18 @@ def weights(which):
         finally:
             torch._foreach_copy_(student_w, stash)
 
-
 @torch.no_grad()
 def update_ema():
     torch._foreach_lerp_(local(ema_fast_w), student_w, 1 - ema_fast)
     torch._foreach_lerp_(local(ema_slow_w), student_w, 1 - ema_slow)
-
 
 @torch.no_grad()
 def reset_ema():
     torch._foreach_copy_(local(ema_fast_w), student_w)
     torch._foreach_copy_(local(ema_slow_w), student_w)
 
-
 optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               foreach=True)
-
 
 def get_lr(it):
     if it < warmup_iters:
@@ -337,18 +324,15 @@ def get_lr(it):
 # checkpoints: torch.distributed.checkpoint (every rank writes its shards; loads onto any number of processes),
 # written to a temporary folder and renamed, so a crash mid-save leaves the previous checkpoint as `latest`
 
-
 def train_state():
     names = list(trainable)
     return {'student': dict(trainable), 'ema_fast': dict(zip(names, ema_fast_w)),
             'ema_slow': dict(zip(names, ema_slow_w)), 'optim': get_optimizer_state_dict(net, optimizer), 'step': 0,
             **({'teacher': dict(zip(names, teacher_w))} if teacher_w else {})}
 
-
 def latest_checkpoint():
     path = os.path.join(out_dir, 'latest')
     return os.path.join(out_dir, open(path).read().strip()) if os.path.exists(path) else None
-
 
 def save_checkpoint(step):
     name = f'ckpt_{step:07d}'
@@ -375,13 +359,11 @@ def save_checkpoint(step):
             shutil.rmtree(os.path.join(out_dir, d))
     dist.barrier()
 
-
 def load_checkpoint(path):
     state = train_state()
     dcp.load(state, checkpoint_id=path)  # in place into our (sharded) tensors, resharding if the world size changed
     set_optimizer_state_dict(net, optimizer, state['optim'])
     return state['step']
-
 
 @torch.no_grad()
 def export(step, snapshot=False):
@@ -404,7 +386,6 @@ def export(step, snapshot=False):
             if not snapshot:
                 print0(f'exported {path}')
     dist.barrier()
-
 
 start_step = 0
 if resume:
@@ -438,14 +419,12 @@ pos_of = (np.cumsum(onehot, 0) - onehot)[np.arange(max_iters), bucket_of]  # ear
 # -----------------------------------------------------------------------------------------------------------------
 # the SCFM step
 
-
 def velocity(which, x, t, txt, y, guidance):
     """The network's velocity under weight set `which` on latents x (B, C, H, W) at times t, in fp32."""
     img_ids, txt_ids = position_ids[(*x.shape[-2:], txt.shape[1])]
     with weights(which):
         v = net(pack(x), img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
     return unpack(v.float(), *x.shape[-2:])
-
 
 if wandb_log and master:
     import wandb

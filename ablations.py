@@ -18,17 +18,14 @@ from PIL import Image, ImageDraw
 
 from eval_digits import int_list, load_model, mean_std, score, testbed
 
-
 def mean_score(bed, net, steps, refs):
     """fid, acc (%) and rmse to refs (samples per eval seed set), each the mean over the eval seed sets."""
     scores = score(bed, net, steps, refs)[1]
     return {'fid': float(np.mean([r['fid'] for r in scores])), 'acc': float(np.mean([100 * r['acc'] for r in scores])),
             'rmse': float(np.mean([r['rmse'] for r in scores]))}
 
-
 def fmt(ms, digits=2):
     return f'{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}'
-
 
 def line_plot(path, panels, width=520, height=360):
     """panels: [(title, {label: (xs, ys)})] -> one PNG, panels side by side; PIL only (no plotting dependency)."""
@@ -54,7 +51,6 @@ def line_plot(path, panels, width=520, height=360):
             draw.line([(right + 8, top + 10 + 16 * i), (right + 28, top + 10 + 16 * i)], fill=color, width=3)
             draw.text((right + 32, top + 4 + 16 * i), label, fill='black')
     img.save(path)
-
 
 def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
     """Score every snapshot of root/<strategy>_s<seed>/ at 3 steps -> markdown, <name>_curves.png, results[name]."""
@@ -83,7 +79,6 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
         best = min(c, key=lambda st: c[st]['fid'][0])
         md.append(f'| {n} | {fmt(c[last]["fid"])} | {fmt(c[last]["rmse"], 4)} | {c[best]["fid"][0]:.2f} ({best}) |')
     return md + ['', f'![{title}]({name}_curves.png)', '']
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -140,7 +135,6 @@ def main(argv=None):
         f.write('\n'.join(md) + '\n')
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-
 
 if __name__ == '__main__':
     main()

@@ -28,10 +28,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-
 class ConvertError(ValueError):
     pass
-
 
 # ---- safetensors I/O. A source is {name: (safe_open handle, key in that file)}; data is read only when asked for.
 
@@ -54,15 +52,12 @@ def open_files(paths, strip=()):
             src[name] = (f, k)
     return src, metadata or {}
 
-
 def _meta(src, k):  # shape and dtype from the header, no data read
     s = src[k][0].get_slice(src[k][1])
     return torch.empty(s.get_shape(), dtype=DTYPES[s.get_dtype()], device="meta")
 
-
 def _get(src, k):
     return src[k][0].get_tensor(src[k][1])
-
 
 def write_safetensors(path, metas, tensors, metadata=None):
     """Streaming writer: the header from `metas` ({name: tensor}, meta tensors do), then each (name, tensor) of the
@@ -89,10 +84,8 @@ def write_safetensors(path, metas, tensors, metadata=None):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def write_dict(path, sd, metadata=None):
     write_safetensors(path, sd, iter(sd.items()), metadata)
-
 
 # A plan is a list of groups (out_names, fn, src_keys): fn(list of source tensors) -> list of output tensors. Run on
 # meta tensors it gives the output shapes, so a header can be written before any data is read.
@@ -103,17 +96,13 @@ def run_plan(plan, get, dtype=None):
         for o, t in zip(outs, fn([get(k) for k in keys])):
             yield o, (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
 
-
 _GROUPS = {"i": r"\d+", "j": r"\d+", "l": r"\d+", "s": "weight|bias", "e": "encoder|decoder", "q": "[qkv]"}
-
 
 def _regex(template):  # "{i}" in a name template -> a named group
     return re.compile(re.sub(r"\\\{(\w)\\\}", lambda m: f"(?P<{m[1]}>{_GROUPS[m[1]]})", re.escape(template)))
 
-
 def _ident(x):
     return x
-
 
 # ---- Autoencoder: BFL <-> diffusers AutoencoderKL. Pieces of a name are renamed in turn; {l} is a decoder level,
 # which diffusers counts from the other end. Mid-block attention q/k/v/proj_out: 1x1 convs in BFL, linears there.
@@ -131,7 +120,6 @@ _VAE_RULES = [
 ]
 _VAE_REGEX = [(_regex(b), d, _regex(d), b) for b, d in _VAE_RULES]
 _VAE_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-
 
 def vae_plan(keys, to_diffusers):
     up = r"decoder\.up\.(\d+)\." if to_diffusers else r"decoder\.up_blocks\.(\d+)\."
@@ -153,7 +141,6 @@ def vae_plan(keys, to_diffusers):
         conv = re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k if to_diffusers else out)
         plan.append(([out], to_linear if conv else _ident, [k]))
     return plan
-
 
 # ---- Transformer: BFL <-> diffusers FluxTransformer2DModel. {i} = block index, {s} = weight|bias. "fuse": one BFL
 # tensor = row-concatenation of the diffusers ones; "swap": the two row halves are swapped.
@@ -189,29 +176,23 @@ _RULES = [("img_in.{s}", ["x_embedder.{s}"]), ("txt_in.{s}", ["context_embedder.
 _BFL2DIF = [(_regex(b), d, (r + ["copy"])[0]) for b, d, *r in _RULES]
 _DIF2BFL = [(_regex(t), b, j, len(d), (r + ["copy"])[0]) for b, d, *r in _RULES for j, t in enumerate(d)]
 
-
 def bfl_to_diffusers_key(k):
     """BFL key -> ([diffusers keys], op) or None."""
     return next((([t.format(**m.groupdict()) for t in dif], op) for rx, dif, op in _BFL2DIF
                  if (m := rx.fullmatch(k))), None)
-
 
 def diffusers_to_bfl_key(k):
     """diffusers key -> (BFL key, part index, number of parts, op) or None."""
     return next(((bfl.format(**m.groupdict()), j, n, op) for rx, bfl, j, n, op in _DIF2BFL
                  if (m := rx.fullmatch(k))), None)
 
-
 def _swap(t):  # BFL's final adaLN is (shift, scale), diffusers' (scale, shift); its own inverse
     return torch.cat(t.chunk(2, 0)[::-1], 0)
 
-
 _TO_BFL = {"copy": _ident, "fuse": lambda x: [torch.cat(x, 0)], "swap": lambda x: [_swap(x[0])]}
-
 
 def _split(x, n, hidden):  # undoes "fuse": qkv = 3 x hidden rows; linear1 = q, k, v + the MLP input
     return list(x[0].split([hidden] * 3 + [x[0].shape[0] - 3 * hidden] * (n - 3)))
-
 
 def diffusers_to_bfl_plan(keys, where="?"):
     """Groups diffusers keys by the BFL key they form; every part of a fused tensor must be present."""
@@ -226,7 +207,6 @@ def diffusers_to_bfl_plan(keys, where="?"):
                                f"with {[p for p in parts if p]} to build {bfl!r})")
     return [([bfl], _TO_BFL[op], parts) for bfl, (op, parts) in groups.items()]
 
-
 def bfl_to_diffusers_plan(keys, hidden, where="?"):
     plan = []
     for k in keys:
@@ -236,14 +216,12 @@ def bfl_to_diffusers_plan(keys, hidden, where="?"):
         plan.append((r[0], fn, [k]))
     return plan
 
-
 # ---- Config inference and validation. What the weights do not hold comes from `hint` (our metadata or diffusers'
 # config.json): Flux's axes_dim and theta (else a preset with the same head_dim, else head_dim split 1:7:7 like
 # Flux), the AE's scale/shift factors and GroupNorm group count (else Flux's values).
 
 def _count(keys, pattern):  # number of blocks = 1 + the largest index
     return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
-
 
 def infer_flux_config(shapes, hint=None):
     hint, hidden = hint or {}, shapes["img_in.weight"][0]
@@ -263,7 +241,6 @@ def infer_flux_config(shapes, hint=None):
         guidance_embed="guidance_in.in_layer.weight" in shapes,
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes if depth else True)
 
-
 def infer_ae_config(shapes, hint=None):
     hint, (ch, in_ch) = hint or {}, shapes["encoder.conv_in.weight"][:2]
     c = dict(in_channels=in_ch, ch=ch, out_ch=shapes["decoder.conv_out.weight"][0],
@@ -276,7 +253,6 @@ def infer_ae_config(shapes, hint=None):
         if hint.get(ours, hint.get(dif)) is not None:
             c[ours] = hint.get(ours, hint.get(dif))
     return model.AutoEncoderConfig(**c)
-
 
 def checkpoint_plan(fmt, src, hint, where):
     """-> (plan giving BFL names in model order, config), checked against the model built on the meta device. Errors
@@ -311,7 +287,6 @@ def checkpoint_plan(fmt, src, hint, where):
     order = {k: i for i, k in enumerate(expected)}
     return sorted(plan, key=lambda g: order[g[0][0]]), cfg
 
-
 # ---- Format detection and the readers
 
 _STRIP = ("model.diffusion_model.",)  # the key prefix of ComfyUI/community single files
@@ -322,7 +297,6 @@ _FORMATS = {  # the first format with a key that starts with one of its prefixes
                   "context_embedder."),
     "bfl-ae": ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid."),
     "diffusers-vae": ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")}
-
 
 def _folder_files(path):
     """A diffusers model folder (or a pipeline root with transformer/) -> (its shards, its config.json or None)."""
@@ -347,7 +321,6 @@ def _folder_files(path):
         hint.setdefault("axes_dim", hint.get("axes_dims_rope"))
     return [os.path.join(path, s) for s in shards], hint
 
-
 def open_checkpoint(path):
     """-> (format, source, config hint or None); format: bfl, diffusers (transformers), bfl-ae, diffusers-vae,
     lora-ours, lora-diffusers or lora-kohya."""
@@ -368,7 +341,6 @@ def open_checkpoint(path):
                            "(*.lora_A.weight / *.lora_down.weight)")
     return fmt, src, hint
 
-
 def _read(path, dtype, formats):
     fmt, src, hint = open_checkpoint(path)
     if fmt not in formats:
@@ -376,17 +348,37 @@ def _read(path, dtype, formats):
     plan, cfg = checkpoint_plan(fmt, src, hint, path)
     return cfg, run_plan(plan, partial(_get, src), dtype)
 
-
 def read_flux(path, dtype=None):
     """Our/BFL transformer file or a diffusers folder -> (FluxConfig, iterator of (BFL name, tensor) in model order,
     read one tensor group at a time). Floating tensors are cast to dtype unless it is None."""
     return _read(path, dtype, ("bfl", "diffusers"))
 
-
 def read_ae(path, dtype=None):
     """Our/BFL ae.safetensors or a diffusers vae folder -> (AutoEncoderConfig, iterator of (BFL name, tensor))."""
     return _read(path, dtype, ("bfl-ae", "diffusers-vae"))
 
+def load_transformer(path, device="cpu", dtype=torch.float32, lora=None, lora_scale=1.0, merge=False):
+    """The one model loader: a train.py export or BFL file (config from the metadata or the shapes) or a diffusers
+    folder, read one tensor at a time; optionally a LoRA file (ours, diffusers/PEFT or kohya), kept as a separate
+    branch scaled by lora_scale, or merged into the weights."""
+    cfg, tensors = read_flux(path, dtype)
+    with torch.device("meta"):
+        net = model.Flux(cfg)
+    net.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
+    if lora:
+        lora_sd, _ = load_lora(lora)
+        model.load_lora_state_dict(net, {k: v.to(device, dtype) for k, v in lora_sd.items()}, source=lora)
+        model.set_lora_scale(net, lora_scale)
+        if merge:
+            model.merge_lora(net)
+    return net.eval().requires_grad_(False)
+
+def load_ae(path, device="cpu", dtype=torch.float32):
+    cfg, tensors = read_ae(path, dtype)
+    with torch.device("meta"):
+        ae = model.AutoEncoder(cfg)
+    ae.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
+    return ae.eval().requires_grad_(False)
 
 # ---- Whole-checkpoint conversion (streaming)
 
@@ -406,7 +398,6 @@ def _diffusers_config(cfg):
             "attention_head_dim": cfg.hidden_size // cfg.num_heads, "num_attention_heads": cfg.num_heads,
             "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
             "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim)}
-
 
 def convert(src_path, out_path, to="ours", dtype=None, progress=False):
     """Transformer or AE checkpoint, any supported layout -> our single file (to='ours') or a diffusers folder."""
@@ -432,7 +423,6 @@ def convert(src_path, out_path, to="ours", dtype=None, progress=False):
             json.dump(config, f, indent=2)
     return fmt, cfg
 
-
 # ---- LoRA files. Ours (= model.lora_state_dict): '<BFL module>.lora_A.weight' (r, in), '.lora_B.weight' (out, r),
 # '.alpha'; delta W = alpha/r * B @ A. kohya: the same with other names. diffusers/PEFT: on the split diffusers
 # linears, with alpha/r folded into B (PEFT then loads it with alpha = r).
@@ -453,11 +443,9 @@ def _lora_groups(sd, where, fold=False):
         g[m] = (a, (b.float() * (alpha / r)).to(b.dtype), float(r)) if fold and alpha != r else (a, b, alpha)
     return g
 
-
 # kohya names lose the dots; rebuild them from the BFL module templates of the rules table
 _KOHYA = [(_regex(b[:-4].replace(".", "_")), b[:-4]) for b, *_ in _RULES if b.endswith(".{s}")]
 _KOHYA_KIND = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
-
 
 def lora_to_kohya(sd, where="LoRA"):
     out = {}
@@ -465,7 +453,6 @@ def lora_to_kohya(sd, where="LoRA"):
         n = "lora_unet_" + m.replace(".", "_")
         out.update({f"{n}.lora_down.weight": a, f"{n}.lora_up.weight": b, f"{n}.alpha": torch.tensor(alpha)})
     return out
-
 
 def lora_from_kohya(sd, where="LoRA"):
     out = {}
@@ -479,7 +466,6 @@ def lora_from_kohya(sd, where="LoRA"):
         out[f"{m}.{_KOHYA_KIND[kind]}"] = v
     return out
 
-
 def lora_to_diffusers(sd, where="LoRA"):
     """A is copied to every part of a fused BFL linear, B is split by rows like the weight."""
     out = {}
@@ -490,7 +476,6 @@ def lora_to_diffusers(sd, where="LoRA"):
         for d, bj in zip(dif, split([b])):
             out.update({f"transformer.{d[:-7]}.lora_A.weight": a.clone(), f"transformer.{d[:-7]}.lora_B.weight": bj})
     return out
-
 
 def lora_from_diffusers(sd, where="LoRA"):
     """Re-fuses the parts of fused BFL linears. If every part has the same A (as our export writes), keep A and stack
@@ -521,7 +506,6 @@ def lora_from_diffusers(sd, where="LoRA"):
                     f"{m}.alpha": torch.tensor(float(fused.shape[1]))})
     return out
 
-
 def load_lora(path):
     """Any supported LoRA file -> (our LoRA state dict, detected format)."""
     fmt, src, _ = open_checkpoint(path)
@@ -533,13 +517,11 @@ def load_lora(path):
     _lora_groups(sd, path)  # checks the shapes
     return sd, fmt
 
-
 def convert_lora(src_path, out_path, to="ours"):
     sd, fmt = load_lora(src_path)
     out = {"ours": _ident, "kohya": lora_to_kohya, "diffusers": lora_to_diffusers}[to](sd)
     write_dict(out_path, {k: v.contiguous() for k, v in out.items()}, {"format": "flux-lora" if to == "ours" else "pt"})
     return fmt
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -570,7 +552,6 @@ def main(argv=None):
     else:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
         print(convert(args.src, args.out, args.to, dtype, progress=not args.quiet)[1], f"\nwrote {args.out}")
-
 
 if __name__ == "__main__":
     try:

@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import model
-from sample import (DTYPES, add_sampling_args, encode_batches, generate, load_ae, load_transformer, make_noise,
-                    parse_shift, parse_size, read_prompts, run_cli, to_pil)
+from convert_weights import load_ae, load_transformer
+from sample import (DTYPES, add_sampling_args, encode_batches, generate, make_noise, parse_shift, parse_size,
+                    read_prompts, run_cli, to_pil)
 
 def fid(feats1, feats2):
     """Frechet distance between Gaussians fitted to two feature sets (rows = samples; covariances with ddof=1):

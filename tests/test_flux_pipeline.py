@@ -204,7 +204,7 @@ def run_pipe(pipe, txt, y, noise, ts, guidance, **kw):
 @pytest.mark.parametrize('steps,shift,size,cfg', [(3, 3.0, (32, 32), 1.0), (4, None, (32, 48), 1.0),
                                                   (2, 3.25, (32, 32), 2.5)])
 def test_generate_matches_flux_pipeline(tiny, pipe, steps, shift, size, cfg):
-    model, ae = S.load_transformer(tiny['flux']), S.load_ae(tiny['ae'])
+    model, ae = cw.load_transformer(tiny['flux']), cw.load_ae(tiny['ae'])
     txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
     neg_txt, neg_y = S.encode_prompts([''], tiny['enc'], LT)
     noise = S.make_noise([0, 1], 4, size[0] // 8, size[1] // 8)
@@ -224,14 +224,14 @@ def test_generate_matches_flux_pipeline(tiny, pipe, steps, shift, size, cfg):
 def test_generate_bf16_close_to_fp32(tiny):
     txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
     noise = S.make_noise([0, 1], 4, 4, 4)
-    out = {dt: S.generate(S.load_transformer(tiny['flux'], dtype=dt), S.load_ae(tiny['ae'], dtype=dt), txt, y,
+    out = {dt: S.generate(cw.load_transformer(tiny['flux'], dtype=dt), cw.load_ae(tiny['ae'], dtype=dt), txt, y,
                           noise, 3, 3.0, return_latents=True)[1] for dt in (torch.float32, torch.bfloat16)}
     assert out[torch.bfloat16].dtype == torch.float32  # the latent is integrated in fp32 whatever the model dtype
     assert rel(out[torch.bfloat16], out[torch.float32]) < 0.05
 
 
 def random_lora(tiny, path, rank=4):
-    net = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
+    net = cw.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
     M.apply_lora(net, rank, alpha=2.0 * rank, targets=r'.*(qkv|proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)$')  # attention + MLP
     torch.manual_seed(5)
     with torch.no_grad():
@@ -250,16 +250,16 @@ def test_lora_matches_flux_pipeline(tiny, pipe):
     txt, y = S.encode_prompts(PROMPTS[:2], tiny['enc'], LT)
     noise = S.make_noise([7, 8], 4, 4, 4)
     ts = S.get_schedule(3, 3.0)
-    ae = S.load_ae(tiny['ae'])
-    _, z_base = S.generate(S.load_transformer(tiny['flux']), ae, txt, y, noise, 3, 3.0, return_latents=True)
+    ae = cw.load_ae(tiny['ae'])
+    _, z_base = S.generate(cw.load_transformer(tiny['flux']), ae, txt, y, noise, 3, 3.0, return_latents=True)
     zs = []
     for path in (ours_path, dif_path, kohya_path):  # our file and its diffusers/kohya conversions, by our loader
-        lora, z = S.generate(S.load_transformer(tiny['flux'], lora=path), ae, txt, y, noise, 3, 3.0,
+        lora, z = S.generate(cw.load_transformer(tiny['flux'], lora=path), ae, txt, y, noise, 3, 3.0,
                              return_latents=True)
         assert rel(z, z_base) > 0.03  # the LoRA matters
         zs.append(z)
     assert rel(zs[1], zs[0]) < 1e-5 and rel(zs[2], zs[0]) < 1e-6
-    merged = S.generate(S.load_transformer(os.path.join(d, 'flux.safetensors'), lora=ours_path, merge=True),
+    merged = S.generate(cw.load_transformer(os.path.join(d, 'flux.safetensors'), lora=ours_path, merge=True),
                         ae, txt, y, noise, 3, 3.0)
     assert rel(merged, lora) < 1e-5
     pipe.load_lora_weights(dif_path)
@@ -319,7 +319,7 @@ def test_prepare_teacher_resume(tiny, teacher_data):
     k = s['index'].tolist().index(3)
     txt, y = S.encode_prompts([PROMPTS[3]], tiny['enc'], LT)
     assert torch.allclose(s['txt'][k:k + 1].float(), txt, atol=1e-2) and torch.equal(s['y'][k:k + 1], y)
-    model = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
+    model = cw.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
     z = S.generate(model, None, txt, y, S.make_noise([3], 4, 4, 4), 4, None, 3.5)
     assert rel(s['x0'][k:k + 1], z) < 1e-3  # bf16-stored txt is the only difference
     # --latent reencode: x0 = AE encoding of the saved 8-bit image
@@ -362,12 +362,12 @@ def test_sample_cli_with_trained_lora(tiny, trained):
     settings = json.load(open(os.path.join(out, 'settings.json')))
     assert settings['seeds'] == list(range(10, 16)) and settings['steps'] == 3 and len(settings['schedule']) == 4
     # image 5 (second batch) equals a direct call with our own LoRA file: the diffusers round trip is exact
-    model = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'), lora=trained['lora'])
+    model = cw.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'), lora=trained['lora'])
     txt, y = S.encode_prompts([PROMPTS[5]], tiny['enc'], LT)
-    img = S.generate(model, S.load_ae(tiny['ae']), txt, y, S.make_noise([15], 4, 4, 4), 3, 3.0)
+    img = S.generate(model, cw.load_ae(tiny['ae']), txt, y, S.make_noise([15], 4, 4, 4), 3, 3.0)
     png = torch.from_numpy(np.array(Image.open(os.path.join(out, '00005.png')))).permute(2, 0, 1).float()
     assert (png - (img[0] * 255).round()).abs().max() <= 1
-    base = S.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
+    base = cw.load_transformer(os.path.join(tiny['dir'], 'flux.safetensors'))
     assert not torch.equal(M.lora_modules(model)['double_blocks.0.img_attn.qkv'].lora_B, torch.zeros(1)) and \
         rel(S.generate(base, None, txt, y, S.make_noise([15], 4, 4, 4), 3, 3.0),
             S.generate(model, None, txt, y, S.make_noise([15], 4, 4, 4), 3, 3.0)) > 1e-4  # training moved it
@@ -390,9 +390,9 @@ def test_eval_clip_torchrun(tiny, trained):
     assert 0 <= res['clip_score'] <= 100 and res['fid_teacher'] > 0
     assert open(os.path.join(out, 'results.md')).read().count('| tiny |') == 1
     # prompt 1 (rank 1) recomputed here, in one process: the same score
-    model = S.load_transformer(tiny['flux'], lora=trained['lora'])
+    model = cw.load_transformer(tiny['flux'], lora=trained['lora'])
     txt, y = S.encode_prompts([PROMPTS[1]], tiny['enc'], LT)
-    img = S.generate(model, S.load_ae(tiny['ae']), txt, y, S.make_noise([1], 4, 4, 4), 2, 3.0)
+    img = S.generate(model, cw.load_ae(tiny['ae']), txt, y, S.make_noise([1], 4, 4, 4), 2, 3.0)
     score = eval_clip.clip_scores((img * 255).round().to(torch.uint8), [PROMPTS[1]],
                                   eval_clip.load_clip_scorer(tiny['clip_model']))
     assert abs(score.item() - res['per_image']['1']) < 1e-3
@@ -565,7 +565,7 @@ def test_bad_input(tiny):
     save_file({'double_blocks.1.img_attn.qkv.lora_A.weight': torch.zeros(4, 48),  # in_features is 64
                'double_blocks.1.img_attn.qkv.lora_B.weight': torch.zeros(192, 4)}, bad)
     with pytest.raises(ValueError, match='double_blocks.1.img_attn.qkv.lora_A.weight'):
-        S.load_transformer(tiny['flux'], lora=bad)
+        cw.load_transformer(tiny['flux'], lora=bad)
     with pytest.raises(ValueError, match="--shift 'fast'"):
         S.main(sample_args(tiny, d + '/x', **{'--shift': 'fast'}))
     with pytest.raises(FileNotFoundError, match='--lora'):

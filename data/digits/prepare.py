@@ -24,7 +24,6 @@ TEMPLATES = ['a handwritten digit {d}', 'a handwritten {w}', 'the digit {d}', 'n
              'a small pixelated image of the number {d}', 'a scanned handwritten {w} in black and white']
 SHARD_FORMAT = {'format': 'scfm-shard-v1'}
 
-
 def load_split(size, limit, seed, test_frac=297 / 1797):
     """-> images (N, 1, size, size) float32 in [-1, 1], labels (N,) int64, and the sorted train and test indices
     of a fixed stratified split (1500/297 on the full set)."""
@@ -42,7 +41,6 @@ def load_split(size, limit, seed, test_frac=297 / 1797):
         tr, te = train_test_split(idx, test_size=test_frac, random_state=seed)
     return x.contiguous(), labels, np.sort(tr), np.sort(te)
 
-
 @torch.no_grad()
 def encode(texts, max_len, batch_size=16):
     """-> txt (N, max_len, 384) last_hidden_state, y (N, 384) masked-mean pooled and L2-normalised."""
@@ -59,7 +57,6 @@ def encode(texts, max_len, batch_size=16):
         y.append(F.normalize(pooled, dim=-1))                 # sentence-transformers Normalize
     return torch.cat(txt), torch.cat(y)
 
-
 def write_shards(out_dir, split, tensors, shard_size):
     for f in os.listdir(out_dir):  # a --force rebuild must not leave stale extra shards behind
         if f.startswith(split + '_') and f.endswith('.safetensors'):
@@ -70,7 +67,6 @@ def write_shards(out_dir, split, tensors, shard_size):
         save_file({name: t[start:start + shard_size].contiguous() for name, t in tensors.items()},
                   os.path.join(out_dir, names[-1]), metadata=SHARD_FORMAT)
     return names
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -128,7 +124,6 @@ def main(argv=None):
     with open(meta_path, 'w') as f:
         json.dump(meta, f)
     print(f'wrote {len(tr)} train / {len(te)} test images {tuple(x.shape[1:])}, Lt={args.txt_len}, to {args.out_dir}')
-
 
 if __name__ == '__main__':
     main()

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 # prepare_teacher first: it puts the repo root (sample.py) on sys.path
 from prepare_teacher import add_common_args, chunk_range, emb_path, encode_pass, pending_chunks, save_atomic
-from sample import load_ae, run_cli
+from convert_weights import load_ae
+from sample import run_cli
 
 EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
-
 
 def make_buckets(resolution, max_ratio=2.0):
     """(H, W) pairs, multiples of 16, area ~ resolution^2, aspect ratio within [1/max_ratio, max_ratio]."""
@@ -32,10 +32,8 @@ def make_buckets(resolution, max_ratio=2.0):
     sides = {(h, max(16, round(resolution * resolution / h / 16) * 16)) for h in heights}
     return sorted((h, w) for h, w in sides if 1 / max_ratio <= w / h <= max_ratio)
 
-
 def nearest_bucket(h, w, buckets):
     return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), -b[0] * b[1]))
-
 
 def read_image(path, size_only=False):
     """-> (h, w) from the header alone, or the RGB image; a file PIL cannot read is a ValueError naming it."""
@@ -45,7 +43,6 @@ def read_image(path, size_only=False):
     except Exception as e:
         raise ValueError(f'{path}: cannot read image ({type(e).__name__}: {e})') from None
 
-
 def load_image(path, bucket):
     """-> uint8 (3, H, W): cover-resize (bicubic) then center crop to the bucket."""
     im, (H, W) = read_image(path), bucket
@@ -54,7 +51,6 @@ def load_image(path, bucket):
     top, left = (rh - H) // 2, (rw - W) // 2
     im = im.resize((rw, rh), Image.BICUBIC).crop((left, top, left + W, top + H))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
 
 def list_items(folder, captions=None):
     """-> sorted list of (image path, caption)."""
@@ -70,7 +66,6 @@ def list_items(folder, captions=None):
     if not table:
         raise ValueError(f'{folder}: no images ({"/".join(EXTS)}) found')
     return [(os.path.join(folder, name), table[name]) for name in sorted(table)]
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -114,7 +109,6 @@ def main(argv=None):
         os.replace(done(c) + '.tmp', done(c))
         os.remove(emb_path(args.out, c))
     print(f'rank {args.rank}: {len(pending)} chunk(s) done in {args.out}')
-
 
 if __name__ == '__main__':
     run_cli(main)

@@ -19,24 +19,21 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
-from sample import (encode_prompts, generate, load_ae, load_text_encoders, load_transformer,  # noqa: E402
-                    make_noise, parse_shift, parse_size, read_prompts, run_cli, to_pil)
+from convert_weights import load_ae, load_transformer  # noqa: E402
+from sample import (encode_prompts, generate, load_text_encoders, make_noise, parse_shift, parse_size,  # noqa: E402
+                    read_prompts, run_cli, to_pil)
 from scfm import get_schedule  # noqa: E402
-
 
 def chunk_range(c, chunk, n_items):
     return range(c * chunk, min((c + 1) * chunk, n_items))
 
-
 def emb_path(out, c):
     return os.path.join(out, 'emb_tmp', f'emb_{c:05d}.safetensors')
-
 
 def save_atomic(tensors, path, metadata=None):
     tmp = path + f'.tmp{os.getpid()}'
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-
 
 def pending_chunks(args, meta, n_items, output):
     """Chunk c (items [c*chunk, (c+1)*chunk)) is done exactly when output(c) exists (written under a temporary name,
@@ -63,7 +60,6 @@ def pending_chunks(args, meta, n_items, output):
         print(f'rank {args.rank}: nothing to do, all chunks of {args.out} are done')
     return pending[:args.max_chunks or None]
 
-
 def encode_pass(texts, chunks, args):
     """Text embeddings of the chunks that have none yet -> emb_path(args.out, c). The encoders are freed on return,
     before the caller loads the DiT / AE."""
@@ -78,7 +74,6 @@ def encode_pass(texts, chunks, args):
                        for i in range(0, len(idx), args.batch)))
         save_atomic({'txt': torch.cat(txt).cpu(), 'y': torch.cat(y).cpu()}, emb_path(args.out, c))
 
-
 def add_common_args(ap):
     ap.add_argument('--out', required=True, help='output folder for the shards')
     ap.add_argument('--t5', required=True, help='local T5 encoder folder')
@@ -92,7 +87,6 @@ def add_common_args(ap):
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--max_chunks', type=int, default=0, help='stop after this many new chunks (0 = all)')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -140,7 +134,6 @@ def main(argv=None):
                     metadata={'format': 'scfm-shard-v1', 'source': 'teacher', 'settings': json.dumps(settings)})
         os.remove(emb_path(args.out, c))
     print(f'rank {args.rank}: wrote {len(pending)} shard(s) to {args.out}')
-
 
 if __name__ == '__main__':
     run_cli(main)

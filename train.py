@@ -155,9 +155,10 @@ def open_buckets(data_dir):
     buckets = []
     for d in filter(os.path.isdir, dirs):
         paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith('train') and f.endswith('.safetensors'))
-        buckets += [[open_shard(p) for p in paths]] if paths else []
-        if len({tuple(f.get_slice('x0').get_shape()[1:]) for f, _ in buckets[-1]} if paths else ()) > 1:
+        shards = [open_shard(p) for p in paths]
+        if len({tuple(f.get_slice('x0').get_shape()[1:]) for f, _ in shards}) > 1:
             raise ValueError(f'{d}: its shards hold samples of different shapes (one shape per folder)')
+        buckets += [shards] if shards else []
     if not buckets:
         raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} or its sub-folders '
                                 f'(run data/<name>/prepare.py)')
@@ -165,9 +166,8 @@ def open_buckets(data_dir):
 
 def open_shard(path):
     f = safe_open(path, 'pt')
-    need = {'x0', 'txt', 'y'} - set(f.keys())
-    if need:
-        raise KeyError(f'{path}: missing tensors {sorted(need)} (a shard holds x0, txt, y)')
+    if {'x0', 'txt', 'y'} - set(f.keys()):
+        raise KeyError(f'{path}: missing tensors {sorted({"x0", "txt", "y"} - set(f.keys()))} (a shard holds x0, txt, y)')
     x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
     if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
         raise ValueError(f'{path}: x0 has shape {tuple(x)}; model {model!r} needs (N, {cfg.in_channels // 4}, H, W) '
@@ -178,16 +178,10 @@ def open_shard(path):
     return f, x[0]
 
 def get_samples(shards, indices):
-    """Sample indices within a bucket -> stacked (x0, txt, y) on the device."""
-    out = {'x0': [], 'txt': [], 'y': []}
-    for i in indices.tolist():
-        for f, n in shards:
-            if i < n:
-                break
-            i -= n
-        for k in out:
-            out[k].append(f.get_slice(k)[i:i + 1])
-    return [torch.cat(v).float().to(device) for v in out.values()]
+    """Sample indices within a bucket -> stacked (x0, txt, y) on the device, read row by row."""
+    starts = np.cumsum([0] + [n for _, n in shards])
+    rows = [(shards[j][0], i - starts[j]) for i in indices.tolist() for j in [np.searchsorted(starts, i, 'right') - 1]]
+    return [torch.cat([f.get_slice(k)[r:r + 1] for f, r in rows]).float().to(device) for k in ('x0', 'txt', 'y')]
 
 def batch_indices(bucket, pos):
     """The bucket's pos-th global batch: a walk through seeded per-epoch permutations of the bucket (resumable from
@@ -300,14 +294,10 @@ def weights(which):
             torch._foreach_copy_(student_w, stash)
 
 @torch.no_grad()
-def update_ema():
-    torch._foreach_lerp_(local(ema_fast_w), student_w, 1 - ema_fast)
-    torch._foreach_lerp_(local(ema_slow_w), student_w, 1 - ema_slow)
-
-@torch.no_grad()
-def reset_ema():
-    torch._foreach_copy_(local(ema_fast_w), student_w)
-    torch._foreach_copy_(local(ema_slow_w), student_w)
+def update_ema(reset=False):
+    """ema <- decay * ema + (1 - decay) * student, or with reset=True ema <- student (both EMAs)."""
+    for ema, decay in ((ema_fast_w, ema_fast), (ema_slow_w, ema_slow)):
+        torch._foreach_lerp_(local(ema), student_w, 1.0 if reset else 1 - decay)
 
 optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               foreach=True)
@@ -395,7 +385,7 @@ if resume:
     start_step = load_checkpoint(ckpt)
     print0(f'resumed from {ckpt} at step {start_step}')
 else:
-    reset_ema()  # both EMAs start at the student
+    update_ema(reset=True)  # both EMAs start at the student
 if export_only:
     if not resume:
         raise ValueError('export_only=True exports the latest checkpoint: set resume=True too')
@@ -476,7 +466,7 @@ while step < max_iters:
     update_ema()
     step += 1
     if ema_reset_every and step % ema_reset_every == 0:
-        reset_ema()
+        update_ema(reset=True)
     bar.update(1)
     if step % log_interval == 0 or step == max_iters:
         if device_type == 'cuda':

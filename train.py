@@ -30,11 +30,9 @@ import time
 import warnings
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -43,6 +41,7 @@ from tqdm import tqdm
 
 import convert_weights
 import scfm
+from data.shards import batch_indices, bucket_schedule, open_buckets, read_samples
 from model import (LORA_ALL, PRESETS, Flux, LoRALinear, apply_lora, lora_state_dict, make_img_ids, make_txt_ids, pack,
                    set_lora_scale, unpack)
 
@@ -63,7 +62,7 @@ log_interval = 10
 wandb_log = False
 wandb_project = 'scfm'
 wandb_run_name = 'run'
-# data: shards written by data/<name>/prepare.py (format in README)
+# data: shards written by data/<name>/prepare*.py (format: data/shards.py, README)
 data_dir = 'data/digits'
 # model
 model = 'digits'             # preset name in model.PRESETS
@@ -143,56 +142,6 @@ if model not in PRESETS:
     raise ValueError(f'unknown model preset {model!r}; choose one of {sorted(PRESETS)}')
 cfg = PRESETS[model]
 os.makedirs(out_dir, exist_ok=True)
-
-# -----------------------------------------------------------------------------------------------------------------
-# data: shards of x0 (N,C,H,W), txt (N,Lt,D), y (N,Dv), grouped in buckets of one sample shape; samples are read one
-# by one from the memory-mapped files
-
-def open_buckets(data_dir):
-    """One bucket (a list of (shard, size)) for data_dir's own train*.safetensors and one per sub-folder holding
-    some (prepare_folder.py's aspect-ratio buckets, data/my_set/512x512/...)."""
-    dirs = [data_dir, *sorted(os.path.join(data_dir, d) for d in os.listdir(data_dir))] if os.path.isdir(data_dir) else []
-    buckets = []
-    for d in filter(os.path.isdir, dirs):
-        paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith('train') and f.endswith('.safetensors'))
-        shards = [open_shard(p) for p in paths]
-        if len({tuple(f.get_slice('x0').get_shape()[1:]) for f, _ in shards}) > 1:
-            raise ValueError(f'{d}: its shards hold samples of different shapes (one shape per folder)')
-        buckets += [shards] if shards else []
-    if not buckets:
-        raise FileNotFoundError(f'no train*.safetensors shards in data_dir={data_dir!r} or its sub-folders '
-                                f'(run data/<name>/prepare.py)')
-    return buckets
-
-def open_shard(path):
-    f = safe_open(path, 'pt')
-    if {'x0', 'txt', 'y'} - set(f.keys()):
-        raise KeyError(f'{path}: missing tensors {sorted({"x0", "txt", "y"} - set(f.keys()))} (a shard holds x0, txt, y)')
-    x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
-    if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
-        raise ValueError(f'{path}: x0 has shape {tuple(x)}; model {model!r} needs (N, {cfg.in_channels // 4}, H, W) '
-                         f'with even H, W (2x2 patches of in_channels={cfg.in_channels})')
-    if t[-1] != cfg.context_in_dim or y[-1] != cfg.vec_in_dim or not x[0] == t[0] == y[0]:
-        raise ValueError(f'{path}: txt {tuple(t)} / y {tuple(y)} do not fit the model (context_in_dim='
-                         f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')
-    return f, x[0]
-
-def get_samples(shards, indices):
-    """Sample indices within a bucket -> stacked (x0, txt, y) on the device, read row by row."""
-    starts = np.cumsum([0] + [n for _, n in shards])
-    rows = [(shards[j][0], i - starts[j]) for i in indices.tolist() for j in [np.searchsorted(starts, i, 'right') - 1]]
-    return [torch.cat([f.get_slice(k)[r:r + 1] for f, r in rows]).float().to(device) for k in ('x0', 'txt', 'y')]
-
-def batch_indices(bucket, pos):
-    """The bucket's pos-th global batch: a walk through seeded per-epoch permutations of the bucket (resumable from
-    the position alone)."""
-    n_data, pos, idx = sizes[bucket], pos * batch_size, []
-    while len(idx) < batch_size:
-        epoch, off = divmod(pos, n_data)
-        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch + 100_003 * bucket))
-        idx.append(perm[off:off + batch_size - len(idx)])
-        pos += len(idx[-1])
-    return torch.cat(idx)
 
 # -----------------------------------------------------------------------------------------------------------------
 # model: meta-device construction -> fully_shard per block, then the root -> storage -> weights, shard by shard
@@ -393,18 +342,13 @@ if export_only:
     dist.destroy_process_group()
     raise SystemExit(0)
 
-buckets = open_buckets(data_dir)
+buckets = open_buckets(data_dir, cfg)  # data/shards.py: the shard format, its checks and the batch order
 sizes = [sum(n for _, n in b) for b in buckets]
 shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
 for n, (C, H, W, Lt) in zip(sizes, shapes):
     print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
 position_ids = {(H, W, Lt): (make_img_ids(H, W, device=device), make_txt_ids(Lt, device=device)) for _, H, W, Lt in shapes}
-# a whole batch comes from one bucket: step s uses bucket_of[s] (drawn in proportion to the bucket sizes; numpy's
-# stream is prefix-stable, so a longer max_iters keeps the past) and that bucket's pos_of[s]-th batch
-u = np.random.default_rng(seed).random(max_iters)
-bucket_of = np.searchsorted(np.cumsum(sizes) / sum(sizes), u, side='right').clip(max=len(sizes) - 1)
-onehot = bucket_of[:, None] == np.arange(len(sizes))
-pos_of = (np.cumsum(onehot, 0) - onehot)[np.arange(max_iters), bucket_of]  # earlier steps on the same bucket
+bucket_of, pos_of = bucket_schedule(sizes, max_iters, seed)  # a whole batch comes from one bucket
 
 # -----------------------------------------------------------------------------------------------------------------
 # the SCFM step
@@ -432,7 +376,7 @@ while step < max_iters:
     b = int(bucket_of[step])
     C, H, W, Lt = shapes[b]
     img_tokens = (H // 2) * (W // 2)
-    idx_global = batch_indices(b, int(pos_of[step]))
+    idx_global = batch_indices(sizes[b], int(pos_of[step]), batch_size, seed + 100_003 * b)
     eps_global = torch.randn(batch_size, C, H, W, generator=gen)
     plan = scfm.plan(gen, batch_size, img_tokens, fm_ratio=fm_ratio if step >= fm_warmup else 1.0,
                      teacher_ratio=teacher_ratio, teacher_steps=teacher_steps, self_steps=self_steps,
@@ -442,7 +386,7 @@ while step < max_iters:
     for k in range(grad_accum):
         # global sample j belongs to micro-step j // (world*micro) and rank (j // micro) % world
         mb = torch.arange(batch_size)[(k * world + rank) * micro:(k * world + rank + 1) * micro]
-        x0, txt, y = get_samples(buckets[b], idx_global[mb])
+        x0, txt, y = (v.to(device) for v in read_samples(buckets[b], idx_global[mb]))
         eps = eps_global[mb].to(device)
         role, t, d0, d1, g = (plan[n][mb].to(device) for n in ('role', 't', 'd0', 'd1', 'guidance'))
         global_roles = plan['role'].view(grad_accum, world * micro)[k]

@@ -1,269 +1,285 @@
-"""
-Benchmarks, each a ratio against a reference that runs in the same process. Tables go to stdout as markdown.
-Needs the dev requirements (diffusers; peft for `step`). Arguments are positional and optional.
+"""Speed as ratios against a reference run alongside, printed as markdown tables. Needs the dev requirements
+(diffusers; peft for `step`). All arguments are positional and optional:
 
-    python bench.py model [dtypes] [forward rounds] [forward+backward rounds]    # float32,bfloat16 120 48
-        our Flux forward and forward+backward against diffusers' FluxTransformer2DModel with the same weights, an
-        identical copy of ours (the noise of a ratio) and ours with one fused matmul per BFL weight (split vs fused)
+    python bench.py model [dtypes] [forward rounds] [forward+backward rounds]  # float32,bfloat16 120 48
     python bench.py step [rounds]          # one SCFM optimizer step: train.py vs the official code's construction
-    python bench.py sample [steps] [size]  # a 3-step sample: text encoding / transformer / decode, ours vs diffusers
+    python bench.py sample [steps] [size]  # a 3-step sample: text encoding / transformer / decode, vs diffusers
     python bench.py gpu [preset] [device] [size] [steps] [compile]        # 3-step 1024x1024 latency, bf16
-    python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width, bf16
+    python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width
     python bench.py gpu-train [preset] [device] [batch] [grad_accum] [iters] [train.py args]  # step time, MFU
 
-The GPU ones use random weights of FLUX.1-dev's sizes. Without a GPU they run as a check of the code:
-`gpu small cpu 64`, `gpu-model tiny cpu`, `gpu-train tiny cpu 4 1 3 --compile=False`.
+The GPU ones use random weights of FLUX.1-dev's sizes; without a GPU they run as a check of the code:
+`gpu small cpu 64 3 0`, `gpu-model tiny cpu`, `gpu-train tiny cpu 4 1 3 --compile=False`.
 """
-import contextlib
-import copy
-import dataclasses
-import gc
-import io
-import json
-import os
-import re
-import runpy
-import subprocess
-import sys
-import tempfile
-import time
+import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time
+from statistics import median
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model
+import sample
 import scfm
 
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count())
 CFG = model.PRESETS['small']  # hidden 512, 4 double + 8 single blocks
-BATCH, LATENT, TEXT_TOKENS = 2, 32, 64  # a 32x32 latent is 16x16 = 256 image tokens
+STEP_BATCH, STEP_RANK, STEP_ITERS = 4, 16, 6  # the step bench: 256 image tokens (32x32 latents) + 64 text tokens
 
-
-def time_pair(run_a, run_b, warmup=1, rounds=4):
-    """Median times of two functions and the median of their per-round ratios. The two alternate, so a load change
-    on a shared machine hits both alike, and their order swaps every round, because the second of two back-to-back
-    runs can be faster (warm caches) and a fixed order would hand that to one side. The median of per-round ratios
-    ignores the few rounds a load spike hits."""
+def time_pair(run_a, run_b, warmup=1, rounds=4, device='cpu'):
+    """Median times of two functions and the median of their per-round ratios. They alternate, so a load change on
+    a shared machine hits both alike, in an order swapped every round, as the second of two back-to-back runs can be
+    faster (warm caches). The median of per-round ratios ignores the rounds that a load spike hits."""
     times = {run_a: [], run_b: []}
     for i in range(warmup + rounds):
         for run in (run_a, run_b) if i % 2 == 0 else (run_b, run_a):
-            t0 = time.perf_counter()
-            run()
-            if i >= warmup:
-                times[run].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times[run_a], times[run_b])]
-    return median(times[run_a]), median(times[run_b]), median(ratios)
+            times[run].append(seconds(run, device))
+    a, b = times[run_a][warmup:], times[run_b][warmup:]
+    return median(a), median(b), median([x / y for x, y in zip(a, b)])
 
+def seconds(run, device='cpu'):
+    t0 = time.perf_counter()
+    run()
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+def device_name(device):
+    return torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'
 
-
-def random_model(cfg=CFG):
-    net = model.Flux(cfg)
+def random_model(cfg=CFG, device='cpu', dtype=torch.float32):
+    with torch.device('meta'):
+        net = model.Flux(cfg)
+    net = net.to(dtype).to_empty(device=device)
     with torch.no_grad():  # no zero-initialised layers: zero outputs and gradients would flatter the matmuls
         for p in net.parameters():
             p.normal_(0, 0.02)
     return net
 
-
-def diffusers_twin(net, tmp):
-    """The same weights in diffusers' FluxTransformer2DModel, through convert_weights (BFL file -> diffusers folder)."""
+def diffusers_twin(net, cfg, diffusers_class='FluxTransformer2DModel'):
+    """The same weights in diffusers (FluxTransformer2DModel or AutoencoderKL), converted by convert_weights."""
     import convert_weights
-    from diffusers import FluxTransformer2DModel
-    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
-              metadata={'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(net.config))})
-    convert_weights.convert(f'{tmp}/ours.safetensors', f'{tmp}/diffusers', to='diffusers')
-    return FluxTransformer2DModel.from_pretrained(f'{tmp}/diffusers')
+    import diffusers
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
+                  metadata={'config': json.dumps(dataclasses.asdict(cfg))})
+        convert_weights.convert(f'{tmp}/ours.safetensors', f'{tmp}/diffusers', to='diffusers')
+        return getattr(diffusers, diffusers_class).from_pretrained(f'{tmp}/diffusers').eval()
 
+def as_ours(ref):
+    """diffusers' FluxTransformer2DModel with our Flux's call signature."""
+    return lambda img, img_ids, txt, txt_ids, t, y, guidance=None: ref(
+        hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
+        txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
-@contextlib.contextmanager
-def fused_matmuls():
-    """model.Linear with one matmul per fused BFL weight (qkv, linear1), split afterwards, instead of one matmul per
-    row block: the alternative to model.py's split matmuls, for the split vs fused rows."""
-    def forward(self, x, split=None):
-        out = F.linear(x, self.weight, self.bias)
+def fused_forward(net, *args):
+    """net(*args) with model.Linear doing one matmul per fused BFL weight (qkv, linear1) and splitting its output,
+    in place of one matmul per row block of the weight."""
+    def linear(self, x, split=None):
+        out = torch.nn.functional.linear(x, self.weight, self.bias)
         return out if split is None else out.split(split, -1)
-    split_forward, model.Linear.forward = model.Linear.forward, forward
+    split_forward, model.Linear.forward = model.Linear.forward, linear
     try:
-        yield
+        return net(*args)
     finally:
         model.Linear.forward = split_forward
 
-
-def compare_models(ours, ref, dtype, rounds, warmup=1, batch=BATCH, latent=LATENT, text_tokens=TEXT_TOKENS,
-                   sync=lambda: None):
-    """Rows (pass, other, ours s, other s, ratio ours/other, rel. error) of ours against diffusers (ref), an
-    identical copy of ours and ours with fused matmuls, forward (rounds[0]) and forward+backward (rounds[1])."""
-    cfg, dev, twin = ours.config, next(ours.parameters()).device, copy.deepcopy(ours)
-    ours.to(dtype), ref.to(dtype), twin.to(dtype)
-    randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)
-    img, txt, y = randn(batch, (latent // 2) ** 2, cfg.in_channels), randn(batch, text_tokens, cfg.context_in_dim), randn(batch, cfg.vec_in_dim)
-    t, g = torch.rand(batch, dtype=dtype, device=dev), torch.full((batch,), 3.5, dtype=dtype, device=dev)
-    img_ids, txt_ids = model.make_img_ids(latent, latent, device=dev), model.make_txt_ids(text_tokens, device=dev)
-
-    def fused():
-        with fused_matmuls():
-            return ours(img, img_ids, txt, txt_ids, t, y, g)
-
-    others = {'diffusers': lambda: ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                                       img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0],
-              'a copy of ours (noise)': lambda: twin(img, img_ids, txt, txt_ids, t, y, g),
-              'ours, fused matmuls (split vs fused)': fused}
-    run_ours = lambda: ours(img, img_ids, txt, txt_ids, t, y, g)
-    with torch.no_grad():
-        errors = {name: rel_error(run_ours(), run()) for name, run in others.items()}
-    forward = lambda run: lambda: (run(), sync())
-    forward_backward = lambda run: lambda: (run().float().square().mean().backward(), sync())
-    rows = []
-    for what, wrap, n in (('forward', forward, rounds[0]), ('forward+backward', forward_backward, rounds[1])):
-        for name, run in others.items():
+def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=48, cfg=CFG, device='cpu', batch=2,
+                latent=32, text_tokens=64, warmup=1):
+    """Our Flux against diffusers' FluxTransformer2DModel with the same weights, an identical copy of ours (how far a
+    ratio strays from 1 by noise alone) and ours with fused matmuls (split vs fused). Single runs on a shared CPU
+    stray by ~10%, so a median ratio needs ~100 rounds to settle to ~1%."""
+    ours, rows, tokens = random_model(cfg, device), [], (latent // 2) ** 2
+    ref, twin = diffusers_twin(ours, cfg).to(device), copy.deepcopy(ours)
+    ids = model.make_img_ids(latent, latent, device=device), model.make_txt_ids(text_tokens, device=device)
+    for name in dtypes.split(','):
+        dtype = getattr(torch, name)
+        ours.to(dtype), ref.to(dtype), twin.to(dtype)
+        img, txt, y, t = (torch.randn(*shape, dtype=dtype, device=device) for shape in
+                          ((batch, tokens, cfg.in_channels), (batch, text_tokens, cfg.context_in_dim),
+                           (batch, cfg.vec_in_dim), (batch,)))
+        args = (img, ids[0], txt, ids[1], t.sigmoid(), y, torch.full_like(t, 3.5))
+        others = {'diffusers': lambda: as_ours(ref)(*args), 'a copy of ours (noise)': lambda: twin(*args),
+                  'ours with fused matmuls (split vs fused)': lambda: fused_forward(ours, *args)}
+        with torch.no_grad():  # rel. error: |ours - other| / |ours|
+            out = ours(*args).float()
+            errors = {other: ((out - run().float()).norm() / out.norm()).item() for other, run in others.items()}
+        for what, n in (('forward', forward_rounds), ('forward+backward', backward_rounds)):
+            timed = lambda run: run if what == 'forward' else lambda: run().float().square().mean().backward()
             with torch.set_grad_enabled(what != 'forward'):
-                rows.append((what, name, *time_pair(wrap(run_ours), wrap(run), warmup, n), errors[name]))
-    return rows
+                rows += [(name, what, other, *time_pair(timed(lambda: ours(*args)), timed(run), warmup, int(n),
+                                                        device), errors[other]) for other, run in others.items()]
+    print(f'Flux hidden {cfg.hidden_size}, {cfg.depth}+{cfg.depth_single_blocks} blocks, {tokens}+{text_tokens} '
+          f'tokens, batch {batch}, {device_name(device)}; {forward_rounds} forward, {backward_rounds} forward+backward '
+          f'rounds in swapped order; medians; the ratio is the median of per-round ratios\n\n| dtype | pass | ours vs '
+          f'| ours (ms) | other (ms) | ratio ours/other | rel. error |\n|---|---|---|---|---|---|---|')
+    for name, what, other, a, b, ratio, err in rows:
+        print(f'| {name} | {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} | {err:.1e} |')
+    noise = {row[:2]: row[5] for row in rows if row[2].endswith('(noise)')}
+    for name, what, _, _, _, ratio, _ in (row for row in rows if row[2].endswith('(split vs fused)')):
+        ahead = 1 - ratio > abs(1 - noise[name, what])  # split matmuls stay only if they win by more than the noise
+        print(f'split vs fused, {name} {what}: {ratio:.3f}, noise {noise[name, what]:.3f}: the split matmuls are '
+              f'{"" if ahead else "not "}ahead of one fused matmul by more than the noise')
 
+def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2):
+    """`model` at FLUX.1-dev width with a few blocks, 1024 image tokens (512 px) and 512 T5 tokens."""
+    cfg = dataclasses.replace(model.PRESETS[preset], depth=int(depth), depth_single_blocks=int(single))
+    bench_model('float32,bfloat16', 50, 25, cfg, device, int(batch), latent=64, text_tokens=512, warmup=3)
 
-def rel_error(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+def run_logged(cmd, echo=False):
+    """cmd in a fresh process -> (its 'step N: key value ...' lines as dicts, its peak RSS in MB)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))  # the thread count this process uses
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    log = [print(line, end='', flush=True) or line if echo else line for line in proc.stdout]
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f'{" ".join(cmd)} failed ({os.waitstatus_to_exitcode(status)})')
+    steps = [line.split(':', 1)[1] for line in log if re.match(r'step \d+:', line)]
+    return [{k: float(v) for k, v in re.findall(r'(\w+) ([0-9.e+-]+)', s)} for s in steps], usage.ru_maxrss / 1024
 
-
-def print_rows(rows):
-    print('| dtype | pass | ours vs | ours (ms) | other (ms) | ratio ours/other | rel. error |\n|---|---|---|---|---|---|---|')
-    for dtype, what, other, a, b, ratio, err in rows:
-        print(f'| {dtype} | {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} | {err:.1e} |')
-    for dtype, what, other, _, _, ratio, _ in rows:  # split stays only if it beats fused by more than the noise
-        if other.startswith('ours, fused'):
-            noise = next(r[5] for r in rows if r[:2] == (dtype, what) and r[2].endswith('(noise)'))
-            verdict = 'ahead' if 1 - ratio > abs(1 - noise) else 'not ahead'
-            print(f'\nsplit vs fused, {dtype} {what}: split/fused {ratio:.3f}, noise {noise:.3f}: split {verdict} of '
-                  f'fused by more than the noise', end='')
-    print()
-
-
-def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=48):
-    # single runs on a shared machine stray by about 10%, so a median ratio needs about 100 rounds to settle to 1%
-    ours = random_model()
+def run_train(cfg, device, batch, latent, text_tokens, *args, echo=False):
+    """run_logged(train.py) on a random model (bf16 on a GPU) and one shard of random data."""
+    g, dtype = torch.Generator().manual_seed(0), torch.bfloat16 if device.startswith('cuda') else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        ref = diffusers_twin(ours, tmp)
-    rows = [(name, *row) for name in dtypes.split(',')
-            for row in compare_models(ours, ref, getattr(torch, name), (int(forward_rounds), int(backward_rounds)))]
-    print(f'Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, {(LATENT // 2) ** 2} image + '
-          f'{TEXT_TOKENS} text tokens, batch {BATCH}, {torch.get_num_threads()} CPU threads; {forward_rounds} forward, '
-          f'{backward_rounds} forward+backward rounds, the two sides alternating, order swapped each round; times '
-          f'are medians, the ratio is the median of per-round ratios\n')
-    print_rows(rows)
+        save_file({k: v.cpu() for k, v in random_model(cfg, device, dtype).state_dict().items()},
+                  f'{tmp}/init.safetensors', metadata={'config': json.dumps(dataclasses.asdict(cfg))})
+        save_file({'x0': torch.randn(batch, cfg.in_channels // 4, latent, latent, generator=g),
+                   'txt': torch.randn(batch, text_tokens, cfg.context_in_dim, generator=g),
+                   'y': torch.randn(batch, cfg.vec_in_dim, generator=g)}, f'{tmp}/train_000.safetensors')
+        return run_logged([sys.executable, 'train.py', *args, f'--device={device}', f'--data_dir={tmp}',
+                           f'--init_from={tmp}/init.safetensors', f'--out_dir={tmp}/out', '--log_interval=1',
+                           '--ckpt_interval=100000'], echo)
 
-
-# One SCFM optimizer step: train.py itself (one process) against the official code's construction (docs/method.md):
-# diffusers FluxTransformer2DModel + a peft LoRA, the student forward, the target passes with LoRA weights swapped in
-# place (zeros for the teacher, fast EMA, slow EMA), backward, AdamW, EMA updates.
-STEP_BATCH, STEP_RANK, STEP_ITERS = 4, 16, 6
-
-
-def peak_rss_mb():
-    return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))) / 1024
-
-
-def reset_peak_rss():
-    gc.collect()  # drop the previous run's objects (FSDP's hooks hold reference cycles)
-    with open('/proc/self/clear_refs', 'w') as f:  # resets VmHWM to the current RSS (Linux)
-        f.write('5')
-
-
-def bench_ours_step(tmp, init):
-    os.makedirs(tmp)
-    g = torch.Generator().manual_seed(0)
-    save_file({'x0': torch.randn(16, 16, LATENT, LATENT, generator=g), 'y': torch.randn(16, CFG.vec_in_dim, generator=g),
-               'txt': torch.randn(16, TEXT_TOKENS, CFG.context_in_dim, generator=g)}, f'{tmp}/train_000.safetensors')
-    sys.argv = ['train.py', '--model=small', f'--init_from={init}', f'--data_dir={tmp}', f'--out_dir={tmp}/out',
-                f'--lora_rank={STEP_RANK}', f'--batch_size={STEP_BATCH}', f'--max_iters={STEP_ITERS}', '--lr=1e-4',
-                '--log_interval=1', '--ckpt_interval=1000', '--dtype=float32', '--device=cpu']
-    out = io.StringIO()
-    reset_peak_rss()
-    with contextlib.redirect_stdout(out):
-        runpy.run_path('train.py', run_name='__main__')
-    times = [float(x) for x in re.findall(r'step_time ([0-9.e-]+)', out.getvalue())]
-    return median(times[2:]), peak_rss_mb()  # after 2 warm-up steps
-
-
-def bench_reference_step(net):
+def reference_step():
+    """SCFM steps as the official code builds them (docs/method.md): diffusers + a peft LoRA whose weights each target
+    pass overwrites in place (zeros for the teacher, the fast or the slow EMA); the target is scfm.target."""
     from peft import LoraConfig
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = diffusers_twin(net, tmp)
-    reset_peak_rss()
-    ref.requires_grad_(False)
-    ref.add_adapter(LoraConfig(r=STEP_RANK, lora_alpha=STEP_RANK, init_lora_weights=True, target_modules=[
+    ref = diffusers_twin(random_model(), CFG).requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=STEP_RANK, lora_alpha=STEP_RANK, target_modules=[
         name for name, m in ref.named_modules() if isinstance(m, torch.nn.Linear)]))
     lora = [p for name, p in ref.named_parameters() if 'lora_' in name]
-    fast, slow = [p.detach().clone() for p in lora], [p.detach().clone() for p in lora]
-    opt = torch.optim.AdamW(lora, lr=1e-4)
-    img_ids, txt_ids, g = model.make_img_ids(LATENT, LATENT), model.make_txt_ids(TEXT_TOKENS), torch.Generator().manual_seed(0)
-    x0, y = torch.randn(STEP_BATCH, 16, LATENT, LATENT), torch.randn(STEP_BATCH, CFG.vec_in_dim)
-    txt = torch.randn(STEP_BATCH, TEXT_TOKENS, CFG.context_in_dim)
-    velocity = lambda x, t, i, gd: model.unpack(ref(
-        hidden_states=model.pack(x), encoder_hidden_states=txt[i], pooled_projections=y[i], timestep=t,
-        img_ids=img_ids, txt_ids=txt_ids, guidance=gd[i], return_dict=False)[0], LATENT, LATENT)
+    weights = {'teacher': [torch.zeros_like(p) for p in lora], 'fast': [p.detach().clone() for p in lora],
+               'slow': [p.detach().clone() for p in lora]}
+    opt, g = torch.optim.AdamW(lora, lr=1e-4), torch.Generator().manual_seed(0)
+    img_ids, txt_ids, x0 = model.make_img_ids(32, 32), model.make_txt_ids(64), torch.randn(STEP_BATCH, 16, 32, 32)
+    txt, y = torch.randn(STEP_BATCH, 64, CFG.context_in_dim), torch.randn(STEP_BATCH, CFG.vec_in_dim)
 
-    def swap_in(weights):
-        torch._foreach_copy_([p.data for p in lora], weights)
+    def velocity(which, x, t, txt, y, guidance):
+        with torch.no_grad():
+            torch._foreach_copy_(lora, weights[which])
+        return model.unpack(as_ours(ref)(model.pack(x), img_ids, txt, txt_ids, t, y, guidance), 32, 32)
 
     def step():
-        p = scfm.plan(g, batch_size=STEP_BATCH, img_tokens=(LATENT // 2) ** 2)
-        t, d0, d1, gd, role = p['t'], p['d0'], p['d1'], p['guidance'], p['role']
-        col = lambda v: v[:, None, None, None]
-        x_t = (1 - col(t)) * x0 + col(t) * torch.randn(x0.shape, generator=g)
-        pred = velocity(x_t, t, slice(None), gd)
-        with torch.no_grad():
-            student, v1 = [q.detach().clone() for q in lora], torch.zeros_like(x0)
-            for r, weights in ((scfm.TEACHER, [torch.zeros_like(q) for q in lora]), (scfm.SELF, fast)):
-                i = (role == r).nonzero()[:, 0]
-                if len(i):
-                    swap_in(weights)
-                    v1[i] = velocity(x_t[i], t[i], i, gd)
-            swap_in(slow)
-            v2 = velocity(x_t - col(d0) * v1, t - d0, slice(None), gd)
-            swap_in(student)
-            target = (col(d0) * v1 + col(d1) * v2) / col(d0 + d1)
-        ((pred - target) ** 2).mean().backward()
+        p = scfm.plan(g, batch_size=STEP_BATCH, img_tokens=256)
+        weights['student'] = [q.detach().clone() for q in lora]
+        x_t, target = scfm.target(velocity, x0, torch.randn(x0.shape, generator=g), p['role'], p['t'], p['d0'],
+                                  p['d1'], near={scfm.TEACHER: 'teacher', scfm.SELF: 'fast'},
+                                  far={scfm.TEACHER: 'slow', scfm.SELF: 'slow'}, cond=(txt, y, p['guidance']),
+                                  active=[(p['role'] == r).any() for r in range(3)])  # no calls on zero samples
+        ((velocity('student', x_t, p['t'], txt, y, p['guidance']) - target) ** 2).mean().backward()
         torch.nn.utils.clip_grad_norm_(lora, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(fast, [q.detach() for q in lora], 0.01)
-            torch._foreach_lerp_(slow, [q.detach() for q in lora], 0.001)
+            torch._foreach_lerp_(weights['fast'], lora, 0.01)
+            torch._foreach_lerp_(weights['slow'], lora, 0.001)
 
-    times = []
     for i in range(STEP_ITERS):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return median(times[2:]), peak_rss_mb()  # after 2 warm-up steps, as for ours
-
+        print(f'step {i + 1}: step_time {seconds(step):.6g}', flush=True)
 
 def bench_step(rounds=5):
-    # whole runs alternate, order swapped each round, for the reasons given in time_pair
-    net, results, rounds = random_model(), {'ours': [], 'reference': []}, int(rounds)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f'{tmp}/init.safetensors',
-                  metadata={'config': json.dumps(dataclasses.asdict(CFG))})
-        run = {'ours': lambda i: bench_ours_step(f'{tmp}/{i}', f'{tmp}/init.safetensors'),
-               'reference': lambda i: bench_reference_step(net)}
-        for i in range(rounds):
-            for who in ('ours', 'reference') if i % 2 == 0 else ('reference', 'ours'):
-                results[who].append(run[who](i))
-    ours, ref = (median([r[0] for r in results[who]]) for who in ('ours', 'reference'))
-    # peak RSS of the first round: ours runs first in a fresh process, the reference after it (what ours leaves
-    # behind counts against the reference, as in one sequential pair)
-    ours_mem, ref_mem = results['ours'][0][1], results['reference'][0][1]
-    ratios = [a[0] / b[0] for a, b in zip(results['ours'], results['reference'])]
-    print(f'SCFM step, Flux hidden {CFG.hidden_size}, {CFG.depth}+{CFG.depth_single_blocks} blocks, batch {STEP_BATCH}, '
-          f'{(LATENT // 2) ** 2}+{TEXT_TOKENS} tokens, LoRA rank {STEP_RANK} on all linears, float32, '
-          f'{torch.get_num_threads()} CPU threads; {rounds} rounds of {STEP_ITERS} steps, the two sides alternating; '
-          f'medians over rounds of the median step time after 2 warm-up steps; the ratio is the median of per-round '
-          f'ratios ({", ".join(f"{r:.2f}" for r in ratios)})\n')
-    print('| | ours (train.py, FSDP2, 1 process) | reference (diffusers + peft, swapped) | ratio |\n|---|---|---|---|')
-    print(f'| step time (s) | {ours:.3f} | {ref:.3f} | {median(ratios):.2f} |')
-    print(f'| peak RSS during the run (MB, first round) | {ours_mem:.0f} | {ref_mem:.0f} | {ours_mem / ref_mem:.2f} |')
+    """train.py (FSDP2, 1 process, LoRA on every linear) against reference_step, each in a fresh process; whole runs
+    alternate in swapped order, as in time_pair."""
+    times, rss, rounds = {'ours': [], 'reference': []}, {}, int(rounds)
+    run = {'ours': lambda: run_train(CFG, 'cpu', 16, 32, 64, '--model=small', f'--lora_rank={STEP_RANK}', '--lr=1e-4',
+                                     f'--batch_size={STEP_BATCH}', f'--max_iters={STEP_ITERS}', '--dtype=float32'),
+           'reference': lambda: run_logged([sys.executable, __file__, 'step-reference'])}
+    for i in range(rounds):
+        for who in ('ours', 'reference') if i % 2 == 0 else ('reference', 'ours'):
+            steps, rss[who] = run[who]()
+            times[who].append(median(s['step_time'] for s in steps[2:]))  # after 2 warm-up steps
+    ratios = [a / b for a, b in zip(times['ours'], times['reference'])]
+    print(f'SCFM step, Flux hidden 512, 4+8 blocks, batch {STEP_BATCH}, 256+64 tokens, LoRA rank {STEP_RANK}, float32, '
+          f'{device_name("cpu")}; {rounds} rounds of {STEP_ITERS} steps in swapped order; medians over rounds of the '
+          f'median step time after 2 warm-up steps; the ratio is the median of per-round ratios '
+          f'({", ".join(f"{r:.2f}" for r in ratios)})\n\n| | ours (train.py) | reference (diffusers + peft, swapped) | '
+          f'ratio |\n|---|---|---|---|')
+    print(f'| step time (s) | {median(times["ours"]):.3f} | {median(times["reference"]):.3f} | {median(ratios):.2f} |')
+    print(f'| peak RSS of the process (MB, last round) | {rss["ours"]:.0f} | {rss["reference"]:.0f} | '
+          f'{rss["ours"] / rss["reference"]:.2f} |')
+
+def bench_sample(steps=3, size=256):
+    """Small random T5 (512 tokens) and CLIP encoders (the transformers models both pipelines call; tokenizers take
+    microseconds), the mid-size transformer (sample.generate vs diffusers) and the tiny Flux AE (vs AutoencoderKL)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    steps, size, h = int(steps), int(size), int(size) // 8
+    t5 = T5EncoderModel(T5Config(d_model=CFG.context_in_dim, d_ff=1024, d_kv=32, num_heads=8, num_layers=4)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=CFG.vec_in_dim, intermediate_size=512, num_hidden_layers=4,
+                                        num_attention_heads=4)).eval()
+    net, ae = random_model().eval(), model.AutoEncoder(model.AE_PRESETS['tiny']).eval()
+    ref, vae = diffusers_twin(net, CFG), diffusers_twin(ae, ae.cfg, 'AutoencoderKL')
+    ids_t5, ids_clip = torch.randint(0, 32128, (1, 512)), torch.randint(0, 49408, (1, 77))
+    noise = torch.randn(1, 16, h, h)
+    encode = lambda: (t5(ids_t5).last_hidden_state, clip(ids_clip).pooler_output)
+    torch.set_grad_enabled(False)
+    (txt, y), ids = encode(), (model.make_img_ids(h, h), model.make_txt_ids(512))
+    ref_transformer = lambda: model.unpack(sample.denoise(as_ours(ref), model.pack(noise), ids[0], txt, ids[1], y,
+                                                          scfm.get_schedule(steps, shift=3.0), 3.5), h, h)
+    ours_transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
+    z = ours_transformer()
+    err, t_enc = (ref_transformer() - z).norm() / z.norm(), median([seconds(encode) for _ in range(4)][1:])
+    t_tr, r_tr, _ = time_pair(ours_transformer, ref_transformer)
+    t_dec, r_dec, _ = time_pair(lambda: ae.decode(z), lambda: vae.decode(z / vae.config.scaling_factor
+                                                                      + vae.config.shift_factor).sample)
+    rows = [('text encoding (transformers T5 + CLIP, shared)', t_enc, t_enc), (f'transformer ({steps} steps)', t_tr,
+            r_tr), ('AE decode', t_dec, r_dec), ('total', t_enc + t_tr + t_dec, t_enc + r_tr + r_dec)]
+    print(f'{steps}-step sample at {size}x{size} px, batch 1: T5 (d 256, 4 layers) + CLIP (d 128, 4 layers), Flux '
+          f'hidden 512 4+8 blocks, tiny Flux AE; {device_name("cpu")}; medians, ours and diffusers in swapped order; '
+          f'latent rel. error ours vs diffusers {err:.1e}\n\n| stage | ours (ms) | share of ours | diffusers (ms) | '
+          f'ratio ours/diffusers |\n|---|---|---|---|---|')
+    for name, a, b in rows:
+        print(f'| {name} | {a * 1e3:.1f} | {100 * a / rows[-1][1]:.0f}% | {b * 1e3:.1f} | {a / b:.2f} |')
+
+def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
+    """Sampling latency at batch 1, 512 T5 tokens, bf16: the transformer eager and with compiled blocks, the AE decode
+    eager, with cuDNN autotuning and with channels_last; medians of 5 after a warm-up (kernels, compilation)."""
+    cfg, h, steps = model.PRESETS[preset], int(size) // 8, int(steps)
+    net = random_model(cfg, device, torch.bfloat16).eval()  # built on meta: 24 GB, not 48 + 24
+    ae = model.AutoEncoder(model.AE_PRESETS['flux' if preset.startswith('flux') else 'tiny']).to(device, torch.bfloat16)
+    torch.set_grad_enabled(False)
+    txt, y = torch.randn(1, 512, cfg.context_in_dim, device=device), torch.randn(1, cfg.vec_in_dim, device=device)
+    noise = torch.randn(1, cfg.in_channels // 4, h, h, device=device)
+    timed = lambda run: median([seconds(run, device) for _ in range(6)][1:])
+    transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
+    z = transformer().to(torch.bfloat16)
+    print(f'{preset} transformer ({net.num_params() / 1e9:.2f}B params) + AE decode, {size}x{size}, {steps} steps, '
+          f'batch 1, bf16, on {device_name(device)} (medians of 5 after a warm-up)\n\n| stage | variant | time (s) |'
+          f'\n|---|---|---|\n| transformer | eager | {timed(transformer):.3f} |', flush=True)
+    for variant in ('eager', 'cudnn.benchmark', 'cudnn.benchmark + channels_last'):
+        torch.backends.cudnn.benchmark = variant != 'eager'
+        if variant.endswith('channels_last'):
+            ae, z = ae.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+        print(f'| decode | {variant} | {timed(lambda: ae.decode(z)):.3f} |', flush=True)
+    if int(compile):
+        net.compile_blocks()
+        print(f'| transformer | blocks compiled (sample.py --compile) | {timed(transformer):.3f} |', flush=True)
+    if device.startswith('cuda'):
+        print(f'\npeak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB')
+
+def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, iters=5, *train_args):
+    """train.py config/flux3.py on a random bf16 model (24 GB for FLUX.1-dev) and random 512 px data."""
+    steps, _ = run_train(model.PRESETS[preset], device, int(batch), 64, 512, 'config/flux3.py', f'--model={preset}',
+                         f'--batch_size={batch}', f'--grad_accum={grad_accum}', f'--max_iters={iters}', *train_args,
+                         echo=True)
+    value = lambda key: median(s[key] for s in steps[2:])  # after 2 warm-up steps
+    print(f'\ntrain.py config/flux3.py, random {preset} weights, LoRA rank 64 on every linear, grad_ckpt, 512 px '
+          f'(1024 + 512 tokens), batch {batch} (grad_accum {grad_accum}) {" ".join(train_args)}, bf16, 1 process on '
+          f'{device_name(device)}; medians of steps 3-{iters}; MFU against 989 TFLOP/s dense bf16\n\n| step time (s) '
+          f'| steps/s | images/s | MFU | peak memory (GB) |\n|---|---|---|---|---|')
+    print(f'| {value("step_time"):.2f} | {1 / value("step_time"):.3f} | {value("img_per_s"):.2f} | '
+          f'{100 * value("mfu"):.1f}% | {max(s.get("peak_mem_gb", float("nan")) for s in steps):.1f} |')
+
+if __name__ == '__main__':
+    what = sys.argv[1] if len(sys.argv) > 1 else 'model'
+    {'model': bench_model, 'step': bench_step, 'step-reference': reference_step, 'sample': bench_sample,
+     'gpu': bench_gpu, 'gpu-model': bench_gpu_model, 'gpu-train': bench_gpu_train}[what](*sys.argv[2:])

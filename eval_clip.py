@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 import model
 from convert_weights import load_ae, load_transformer
-from sample import (DTYPES, add_sampling_args, encode_batches, generate, make_noise, parse_shift, parse_size,
-                    read_prompts, run_cli, to_pil)
+from sample import (DTYPES, add_sampling_args, check_sampling_args, encode_batches, generate, make_noise, read_prompts,
+                    run_cli, to_pil)
 
 def fid(feats1, feats2):
     """Frechet distance between Gaussians fitted to two feature sets (rows = samples; covariances with ddof=1):
@@ -150,9 +150,8 @@ def main(argv=None):
     ap.add_argument('--save_images', action='store_true')
     args = ap.parse_args(argv)
 
-    H, W = parse_size(args.size)
+    H, W, shift = check_sampling_args(args)
     prompts = read_prompts(args.prompts)[:args.limit or None]
-    shift = parse_shift(args.shift)
     if args.fid_teacher and not args.lora:
         raise ValueError('--fid_teacher compares the LoRA student with its base model: pass --lora')
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))

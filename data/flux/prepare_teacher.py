@@ -15,64 +15,47 @@ import os
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
-from convert_weights import load_ae, load_transformer  # noqa: E402
+from convert_weights import load_ae, load_transformer, write_dict  # noqa: E402
 from sample import (encode_prompts, generate, load_text_encoders, make_noise, parse_shift, parse_size,  # noqa: E402
                     read_prompts, run_cli, to_pil)
 from scfm import get_schedule  # noqa: E402
 
-def chunk_range(c, chunk, n_items):
-    return range(c * chunk, min((c + 1) * chunk, n_items))
-
 def emb_path(out, c):
     return os.path.join(out, 'emb_tmp', f'emb_{c:05d}.safetensors')
 
-def save_atomic(tensors, path, metadata=None):
-    tmp = path + f'.tmp{os.getpid()}'
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
-
-def pending_chunks(args, meta, n_items, output):
-    """Chunk c (items [c*chunk, (c+1)*chunk)) is done exactly when output(c) exists (written under a temporary name,
-    then renamed): a rerun skips done chunks, so nothing is lost or repeated. Rank r of torchrun does chunks r, r+world,
-    ... (the ranks never talk). Sets args.rank and args.device, writes meta.json (a rerun may not change the chunking)
-    -> this rank's pending chunks, at most --max_chunks of them."""
-    args.rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+def pending_chunks(args, meta, texts, output):
+    """-> {c: range(c*chunk, (c+1)*chunk)} for this rank's chunks not done yet (at most --max_chunks), their text
+    embedded into emb_path(args.out, c). Chunk c is done when output(c) exists (written atomically): a rerun loses and
+    repeats nothing. Rank r of torchrun does chunks r, r+world, ... Sets args.rank, args.device; checks meta.json."""
+    args.rank, world, n = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), len(texts)
     if args.device.startswith('cuda') and ':' not in args.device:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per torchrun process
-    meta, path = {**meta, 'chunk': args.chunk, 'n_items': n_items}, os.path.join(args.out, 'meta.json')
+    meta, path = {**meta, 'chunk': args.chunk, 'n_items': n}, os.path.join(args.out, 'meta.json')
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), meta[k]) for k in ('chunk', 'n_items') if old.get(k) != meta[k]}
-        if diff:
+        if diff := {k: (old.get(k), meta[k]) for k in ('chunk', 'n_items') if old.get(k) != meta[k]}:
             raise ValueError(f'{args.out} was started with other settings {diff} (old, new): resume with the same '
                              f'chunk size and inputs, or use a new --out')
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.out, 'emb_tmp'), exist_ok=True)
     with open(path + f'.tmp{os.getpid()}', 'w') as f:  # every rank writes it
         json.dump(meta, f, indent=2)
     os.replace(path + f'.tmp{os.getpid()}', path)
-    pending = [c for c in range(args.rank, -(-n_items // args.chunk), world) if not os.path.exists(output(c))]
+    pending = [c for c in range(args.rank, -(-n // args.chunk), world) if not os.path.exists(output(c))]
     if not pending:
         print(f'rank {args.rank}: nothing to do, all chunks of {args.out} are done')
-    return pending[:args.max_chunks or None]
-
-def encode_pass(texts, chunks, args):
-    """Text embeddings of the chunks that have none yet -> emb_path(args.out, c). The encoders are freed on return,
-    before the caller loads the DiT / AE."""
-    todo = [c for c in chunks if not os.path.exists(emb_path(args.out, c))]
-    if not todo:
-        return
-    os.makedirs(os.path.join(args.out, 'emb_tmp'), exist_ok=True)
-    enc = load_text_encoders(args.t5, args.clip, args.device, getattr(torch, args.dtype))
+    pending = {c: range(c * args.chunk, min((c + 1) * args.chunk, n)) for c in pending[:args.max_chunks or None]}
+    todo = [c for c in pending if not os.path.exists(emb_path(args.out, c))]
+    enc = load_text_encoders(args.t5, args.clip, args.device, getattr(torch, args.dtype)) if todo else None
     for c in tqdm(todo, desc=f'encode text (rank {args.rank})', disable=args.quiet):
-        idx = chunk_range(c, args.chunk, len(texts))
-        txt, y = zip(*(encode_prompts([texts[j] for j in idx[i:i + args.batch]], enc, args.max_length)
-                       for i in range(0, len(idx), args.batch)))
-        save_atomic({'txt': torch.cat(txt).cpu(), 'y': torch.cat(y).cpu()}, emb_path(args.out, c))
+        txt, y = zip(*(encode_prompts([texts[j] for j in pending[c][i:i + args.batch]], enc, args.max_length)
+                       for i in range(0, len(pending[c]), args.batch)))
+        write_dict(emb_path(args.out, c), {'txt': torch.cat(txt).cpu(), 'y': torch.cat(y).cpu()})
+    return pending
 
 def add_common_args(ap):
     ap.add_argument('--out', required=True, help='output folder for the shards')
@@ -101,23 +84,20 @@ def main(argv=None):
     ap.add_argument('--png', action='store_true', help='also save the teacher images (png/XXXXXXXX.png)')
     add_common_args(ap)
     args = ap.parse_args(argv)
-    H, W = parse_size(args.size)
-    prompts = read_prompts(args.prompts)
-    shift = parse_shift(args.shift)
+    (H, W), shift, prompts = parse_size(args.size), parse_shift(args.shift), read_prompts(args.prompts)
     settings = {k: v for k, v in vars(args).items() if k not in ('device', 'quiet', 'max_chunks')}
     schedule = get_schedule(args.steps, shift, (H // 16) * (W // 16)).tolist()
     shard = lambda c: os.path.join(args.out, f'train_{c:05d}.safetensors')  # noqa: E731
-    pending = pending_chunks(args, {**settings, 'height': H, 'width': W, 'schedule': schedule}, len(prompts), shard)
+    pending = pending_chunks(args, {**settings, 'height': H, 'width': W, 'schedule': schedule}, prompts, shard)
     if not pending:
         return
-    encode_pass(prompts, pending, args)
 
     dtype = getattr(torch, args.dtype)
     net, ae = load_transformer(args.ckpt, args.device, dtype), load_ae(args.ae, args.device, dtype)
     if args.png:
         os.makedirs(os.path.join(args.out, 'png'), exist_ok=True)
-    for c in tqdm(pending, desc=f'teacher (rank {args.rank})', disable=args.quiet):
-        emb, idx, x0 = load_file(emb_path(args.out, c)), chunk_range(c, args.chunk, len(prompts)), []
+    for c, idx in tqdm(pending.items(), desc=f'teacher (rank {args.rank})', disable=args.quiet):
+        emb, x0 = load_file(emb_path(args.out, c)), []
         for i in range(0, len(idx), args.batch):
             ids = idx[i:i + args.batch]
             noise = make_noise([args.seed + j for j in ids], net.config.in_channels // 4, H // 8, W // 8)
@@ -129,9 +109,9 @@ def main(argv=None):
                 for j, pil in zip(ids, to_pil(img)):
                     pil.save(os.path.join(args.out, 'png', f'{j:08d}.png'))
             x0.append(z.float().cpu())
-        save_atomic({'x0': torch.cat(x0), 'txt': emb['txt'].to(getattr(torch, args.txt_dtype)), 'y': emb['y'].float(),
-                     'index': torch.tensor(idx)}, shard(c),
-                    metadata={'format': 'scfm-shard-v1', 'source': 'teacher', 'settings': json.dumps(settings)})
+        write_dict(shard(c), {'x0': torch.cat(x0), 'txt': emb['txt'].to(getattr(torch, args.txt_dtype)),
+                              'y': emb['y'].float(), 'index': torch.tensor(idx)},
+                   metadata={'format': 'scfm-shard-v1', 'source': 'teacher', 'settings': json.dumps(settings)})
         os.remove(emb_path(args.out, c))
     print(f'rank {args.rank}: wrote {len(pending)} shard(s) to {args.out}')
 

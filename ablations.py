@@ -5,27 +5,21 @@ progressive distillation at equal compute, SCFM during pretraining, and the EMA 
     bash ablations.sh all        # trains everything, then runs: python ablations.py --out docs/ablations
 
 Every model is scored by eval_digits.score on the same noise and prompts (--eval_seeds seed sets of 20 samples per
-digit). A number is the mean over training seeds (--seeds_train) of the mean over eval seed sets; ± is the std over
-training seeds. Writes ablations.md, results.json and the curves to --out.
+digit): per training seed the mean over the eval seed sets, then the mean ± std of that over --seeds_train.
 """
 import argparse
 import glob
-import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from eval_digits import int_list, load_model, mean_std, score, testbed
+from eval_digits import fmt, int_list, load_model, md_table, mean_std, score, testbed, write_report
 
 def mean_score(bed, net, steps, refs):
     """fid, acc (%) and rmse to refs (samples per eval seed set), each the mean over the eval seed sets."""
-    scores = score(bed, net, steps, refs)[1]
-    return {'fid': float(np.mean([r['fid'] for r in scores])), 'acc': float(np.mean([100 * r['acc'] for r in scores])),
-            'rmse': float(np.mean([r['rmse'] for r in scores]))}
-
-def fmt(ms, digits=2):
-    return f'{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}'
+    scores = [{**r, 'acc': 100 * r['acc']} for r in score(bed, net, steps, refs)[1]]
+    return {m: float(np.mean([r[m] for r in scores])) for m in ('fid', 'acc', 'rmse')}
 
 def line_plot(path, panels, width=520, height=360):
     """panels: [(title, {label: (xs, ys)})] -> one PNG, panels side by side; PIL only (no plotting dependency)."""
@@ -68,16 +62,15 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
               series('fid')), ('student 3-step RMSE to teacher-32', series('rmse'))])
     steps = sorted(next(iter(summary.values())))
     shown, last = steps[1::2] if len(steps) <= 12 else steps[2::3], steps[-1]
-    n_seeds = max(len(v) for c in curves.values() for v in c.values())
+    best = {n: min(c, key=lambda st: c[st]['fid'][0]) for n, c in summary.items()}
     md = [f'### {title}\n\nStudent 3-step FID during training (teacher 3-step: {start["fid"]:.2f}), mean ± std over '
-          f'{n_seeds} training seed(s).', '', '| strategy | ' + ' | '.join(f'step {st}' for st in shown) + ' |',
-          '|---|' + '---|' * len(shown)]
-    md += [f'| {n} | ' + ' | '.join(fmt(c[st]['fid'], 1) for st in shown) + ' |' for n, c in summary.items()]
-    md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '',
-           '| strategy | FID ↓ | RMSE to teacher-32 ↓ | best FID (step) |', '|---|---|---|---|']
-    for n, c in summary.items():
-        best = min(c, key=lambda st: c[st]['fid'][0])
-        md.append(f'| {n} | {fmt(c[last]["fid"])} | {fmt(c[last]["rmse"], 4)} | {c[best]["fid"][0]:.2f} ({best}) |')
+          f'{max(len(v) for c in curves.values() for v in c.values())} training seed(s).', '']
+    md += md_table(['strategy'] + [f'step {st}' for st in shown],
+                   [[n] + [fmt(c[st]['fid'], 1) for st in shown] for n, c in summary.items()])
+    md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '']
+    md += md_table(['strategy', 'FID ↓', 'RMSE to teacher-32 ↓', 'best FID (step)'],
+                   [[n, fmt(c[last]['fid']), fmt(c[last]['rmse'], 4), f'{c[best[n]]["fid"][0]:.2f} ({best[n]})']
+                    for n, c in summary.items()])
     return md + ['', f'![{title}]({name}_curves.png)', '']
 
 def main(argv=None):
@@ -87,7 +80,7 @@ def main(argv=None):
     p.add_argument('--data_dir', default='data/digits')
     p.add_argument('--seeds_train', default='1337 2', help='training seeds (run-to-run spread)')
     p.add_argument('--eval_seeds', type=int_list, default=[0, 1, 2])
-    p.add_argument('--out', default='docs/ablations')
+    p.add_argument('--out', default='docs/ablations', help='where ablations.md, results.json and the curves go')
     args = p.parse_args(argv)
     seeds, root, results, md = args.seeds_train.split(), args.root, {}, []
     os.makedirs(args.out, exist_ok=True)
@@ -112,9 +105,7 @@ def main(argv=None):
          [('plain FM (1200 steps)', pretrain['fm'], (1, 2, 3, 4, 8, 32)),
           ('FM + SCFM self slice (1030 steps)', pretrain['scfm'], (1, 2, 3, 4, 8, 32)),
           ('500 FM steps, then FM + SCFM self slice (1100 steps)', pretrain['scfm-warm'], (1, 2, 3, 4, 8, 32))])]
-    for key, title, needs, groups in sections:
-        if not have(needs):
-            continue
+    for key, title, needs, groups in [section for section in sections if have(section[2])]:
         results[key] = []
         for name, runs, steps in groups:  # one model per training seed
             models = [teacher] if runs is None else [load_model(runs.format(s=s), args.teacher) for s in have(runs)]
@@ -123,18 +114,12 @@ def main(argv=None):
             results[key] += [(name, n, mean_std([mean_score(bed, m, n, r) for m, r in zip(models, refs)]))
                              for n in steps if models]
         rmse = 'RMSE to own 32-step' if key == 'pretrain' else 'RMSE to teacher-32'
-        md += [title, '', f'| model | steps | FID ↓ | acc % ↑ | {rmse} ↓ |', '|---|---|---|---|---|']
-        md += [f'| {name} | {n} | {fmt(r["fid"])} | {fmt(r["acc"], 1)} | {fmt(r["rmse"], 4)} |'
-               for name, n, r in results[key]] + ['']
-    # the EMA strategies: 3-step FID and paired RMSE against the training step (ema/: 300 steps; ema_long/: 900)
-    start = mean_score(bed, teacher, 3, bed['ref'])  # every run starts at the teacher
+        md += [title, ''] + md_table(['model', 'steps', 'FID ↓', 'acc % ↑', f'{rmse} ↓'], [
+            [name, n, fmt(r['fid']), fmt(r['acc'], 1), fmt(r['rmse'], 4)] for name, n, r in results[key]]) + ['']
+    start = mean_score(bed, teacher, 3, bed['ref'])  # EMA curves (ema/: 300 steps; ema_long/: 900) start at the teacher
     for sub, title in (('ema', 'EMA strategies'), ('ema_long', 'EMA strategies, 900 steps')):
         md += ema_section(bed, args.teacher, f'{root}/{sub}', seeds, start, args.out, sub, title, results)
-    print('\n'.join(md))
-    with open(os.path.join(args.out, 'ablations.md'), 'w') as f:
-        f.write('\n'.join(md) + '\n')
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1)
+    write_report(args.out, 'ablations.md', md, results)
 
 if __name__ == '__main__':
     main()

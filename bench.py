@@ -252,7 +252,8 @@ def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
     timed = lambda run: median([seconds(run, device) for _ in range(6)][1:])
     transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
     z = transformer().to(torch.bfloat16)
-    print(f'{preset} transformer ({net.num_params() / 1e9:.2f}B params) + AE decode, {size}x{size}, {steps} steps, '
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f'{preset} transformer ({n_params / 1e9:.2f}B params) + AE decode, {size}x{size}, {steps} steps, '
           f'batch 1, bf16, on {device_name(device)} (medians of 5 after a warm-up)\n\n| stage | variant | time (s) |'
           f'\n|---|---|---|\n| transformer | eager | {timed(transformer):.3f} |', flush=True)
     for variant in ('eager', 'cudnn.benchmark', 'cudnn.benchmark + channels_last'):

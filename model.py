@@ -35,7 +35,7 @@ class FluxConfig:
 PRESETS = {
     'flux-dev': FluxConfig(),
     'flux-schnell': FluxConfig(guidance_embed=False),
-    # small models for tests and the CPU testbed (any channel count works: pixel-space models too)
+    # small models for tests and benchmarks; any channel count works (pixel-space models too)
     'tiny': FluxConfig(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
                        num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6)),
     'small': FluxConfig(in_channels=64, out_channels=64, vec_in_dim=128, context_in_dim=256, hidden_size=512,
@@ -46,20 +46,16 @@ PRESETS = {
 }
 
 # ----- small pieces -----
-
 def timestep_embedding(t, dim=256, max_period=10000, time_factor=1000.0):
-    # the Flux sinusoid: t is in [0,1], scaled by 1000, COS first then SIN, computed in fp32
-    t = time_factor * t
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
+    # the Flux sinusoid: t in [0, 1] scaled by 1000, cos first then sin, computed in fp32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    args = (time_factor * t)[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return emb.to(t.dtype) if torch.is_floating_point(t) else emb
 
 def rope(ids, axes_dim, theta):
-    # ids (B, L, 3) -> RoPE's (cos, sin), each (B, L, 1, head_dim) in fp32: the angle of pair k of axis i is
-    # pos_i * theta^(-2k/dim_i), repeated for both members of its (interleaved) pair, so applying it is plain
-    # contiguous elementwise math
+    # ids (B, L, 3) -> RoPE's (cos, sin), each (B, L, 1, head_dim) in fp32: pair k of axis i turns by pos_i *
+    # theta^(-2k/dim_i), the angle repeated for both members of its (interleaved) pair: plain elementwise math
     angles = []
     for i, dim in enumerate(axes_dim):
         omega = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim))
@@ -76,15 +72,14 @@ def apply_rope(x, pe):
     return (xf * cos + rotated * sin).type_as(x)
 
 def attention(q, k, v, pe):
-    # q, k, v: (B, L, H, D), contiguous, so RoPE's elementwise ops vectorise; SDPA takes (B, H, L, D) views and its
-    # output comes back laid out as (B, L, H, D), so "B H L D -> B L (H D)" is a view, not a copy
+    # q, k, v: contiguous (B, L, H, D), so RoPE vectorises; SDPA's output on (B, H, L, D) views is laid out as
+    # (B, L, H, D), so "B H L D -> B L (H D)" is a view, not a copy
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)
 
 def add_linear(out, x, weight, alpha):
-    # out + alpha * x @ weight.T as one GEMM accumulating into out (addmm, beta=1): LoRA's up-projection without
-    # separate scale and add passes over the wide output
+    # out + alpha * x @ weight.T as one GEMM accumulating into out: LoRA's up-projection without extra passes
     return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
 
 class Linear(nn.Linear):
@@ -160,7 +155,6 @@ def modulate(x, shift, scale):
     return (1 + scale) * layer_norm(x) + shift
 
 # ----- blocks -----
-
 class DoubleStreamBlock(nn.Module):
     # image and text tokens keep separate weights but attend jointly (text first)
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias):
@@ -215,7 +209,6 @@ class LastLayer(nn.Module):
         return self.linear(modulate(x, shift[:, None], scale[:, None]))
 
 # ----- the model -----
-
 class Flux(nn.Module):
     """Built on the meta device, then to_empty() + init_weights() or a checkpoint's tensors (assign=True)."""
 
@@ -238,8 +231,7 @@ class Flux(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # Xavier-uniform linears with zero biases; zero the adaLN and output projections (DiT's adaLN-Zero), so a
-        # fresh model starts as identity residual blocks that predict zero velocity
+        # Xavier-uniform linears, zero biases, zero adaLN and output projections (DiT's adaLN-Zero): identity blocks
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -249,11 +241,9 @@ class Flux(nn.Module):
                     m.reset_lora()
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.scale)
-        for m in self.modules():
-            if isinstance(m, Modulation):
-                nn.init.zeros_(m.lin.weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.final_layer.linear.weight)
+        last = self.final_layer
+        for m in [m.lin for m in self.modules() if isinstance(m, Modulation)] + [last.adaLN_modulation[1], last.linear]:
+            nn.init.zeros_(m.weight)  # every adaLN modulation and the output projection
         nn.init.normal_(self.time_in.in_layer.weight, std=0.02)  # small embedder init, as in DiT
         nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
 
@@ -290,27 +280,16 @@ class Flux(nn.Module):
         ids = torch.cat((txt_ids, img_ids), -2)
         return rope(ids[None].expand(batch, -1, -1) if ids.ndim == 2 else ids, self.config.axes_dim, self.config.theta)
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     def estimate_flops(self, img_tokens, txt_tokens):
         """Forward FLOPs per sample (multiply-add = 2): every weight matmul once per token + joint attention."""
         c, L = self.config, img_tokens + txt_tokens
         H, M = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
-        per_token_block = 2 * (3 * H * H + H * H + 2 * H * M)  # double: qkv, proj, mlp (each token in its stream)
-        per_token_single = 2 * (H * (3 * H + M) + (H + M) * H)
-        linear = L * (c.depth * per_token_block + c.depth_single_blocks * per_token_single)
+        blocks = L * 2 * (c.depth * (4 * H * H + 2 * H * M) + c.depth_single_blocks * (H * (3 * H + M) + (H + M) * H))
         attn = (c.depth + c.depth_single_blocks) * 4 * L * L * H
         io = 2 * img_tokens * H * (c.in_channels + c.out_channels) + 2 * txt_tokens * c.context_in_dim * H
-        mod = 2 * H * (c.depth * 12 * H + c.depth_single_blocks * 3 * H + 2 * H)
-        return linear + attn + io + mod
-
-    def estimate_mfu(self, fwdbwd_samples_per_s, img_tokens, txt_tokens, peak_flops=989e12):
-        """Model FLOPs utilisation: fwd+bwd = 3x forward. peak_flops defaults to H100/H200 dense bf16."""
-        return 3 * self.estimate_flops(img_tokens, txt_tokens) * fwdbwd_samples_per_s / peak_flops
+        return blocks + attn + io + 2 * H * (c.depth * 12 * H + c.depth_single_blocks * 3 * H + 2 * H)  # + modulation
 
 # ----- latent packing and position ids (BFL sampling.py) -----
-
 def pack(x, p=2):
     """(B, C, H, W) -> (B, H/p * W/p, C*p*p); feature order (c, ph, pw), tokens row-major."""
     B, C, H, W = x.shape
@@ -421,23 +400,20 @@ def load_lora_state_dict(model, sd, source='LoRA state dict'):
         name, _, kind = key.rpartition('.lora_') if '.lora_' in key else (key.rpartition('.')[0], '', 'alpha')
         if name not in mods:
             raise KeyError(f'{source}: key {key!r} does not fit the model (no LoRA-wrapped linear {name!r})')
-        m = mods[name]
         if kind == 'alpha':
-            m.alpha = float(value)
-            continue
-        param = m.lora_A if kind.startswith('A') else m.lora_B
-        if param.shape != value.shape:
+            mods[name].alpha = float(value)
+        elif (param := mods[name].lora_A if kind.startswith('A') else mods[name].lora_B).shape != value.shape:
             raise ValueError(f'{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}')
-        param.copy_(value)
-        seen.add(name)
+        else:
+            param.copy_(value)
+            seen.add(name)
     missing = sorted(set(mods) - seen)
     if missing:
         raise KeyError(f'{source}: no LoRA weights for {len(missing)} module(s), e.g. {missing[:3]}')
 
 # ----------------------------------------------------------------------------------------------------------
-# The FLUX.1 autoencoder (BFL's modules/autoencoder.py): 8x spatial downsampling to 16 latent channels, module names
-# as in BFL's ae.safetensors (diffusers AutoencoderKL weights go through convert_weights.py). BFL's per-level
-# `attn` lists hold no weights and are left out.
+# The FLUX.1 autoencoder (BFL's modules/autoencoder.py): 8x downsampling to 16 latent channels, module names as in
+# BFL's ae.safetensors (diffusers weights go through convert_weights.py); BFL's empty per-level `attn` lists left out
 
 @dataclass
 class AutoEncoderConfig:
@@ -533,8 +509,7 @@ class Decoder(nn.Module):
         g, chs = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
         self.mid = mid_block(chs[-1], g)
-        # up[i] runs deepest-first but is indexed like the encoder levels (BFL's `up.insert(0, ...)`), which is why
-        # diffusers' up_blocks come in the reverse order
+        # up[i] runs deepest-first, indexed like the encoder levels (BFL): diffusers' up_blocks are in reverse order
         ins = chs[1:] + chs[-1:]
         self.up = nn.ModuleList(
             level([ResnetBlock(ins[i] if r == 0 else c, c, g) for r in range(cfg.num_res_blocks + 1)], 'upsample',

@@ -4,9 +4,8 @@ Few-step sampling for Flux-style flow-matching models (teacher or SCFM student).
     python sample.py --ckpt flux1-dev.safetensors --lora out/flux3/lora.safetensors --prompt "a cat" \
         --steps 3 --shift 3.0 --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder --ae ae.safetensors
 
-Also the importable sampler core used by eval_clip.py, the data scripts and the testbed: the one Euler loop
-(denoise), generate, and the one image grid (make_grid). Models load with convert_weights.load_transformer.
-Time convention and schedules: scfm.py and docs/method.md.
+Also the sampler core of eval_clip.py, the data scripts and the testbed: the one Euler loop (denoise), generate and
+the one image grid (make_grid). Time convention and schedules: scfm.py and docs/method.md.
 """
 import argparse
 import json
@@ -35,17 +34,16 @@ def denoise(net, x, img_ids, txt, txt_ids, y, timesteps, guidance=None):
     return x
 
 # ----------------------------------------------------------------------------------------------------------
-# Text encoders: T5 last_hidden_state and CLIP-L pooler_output, padding='max_length', truncation and no attention
-# mask anywhere, exactly as BFL and diffusers' FluxPipeline do (docs/method.md, section 7)
+# Text encoders: T5 last_hidden_state, CLIP-L pooler_output, padded to max_length, no attention mask (as BFL does)
 
 def load_text_encoders(t5_dir, clip_dir, device='cpu', dtype=torch.float32):
     """Local folders only (nothing is downloaded): a T5EncoderModel and a CLIPTextModel, each with its tokenizer in
     the same folder or, as in a diffusers FLUX.1 snapshot, in the sibling tokenizer_2 / tokenizer folder."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
     out = {}
-    for key, path, what, sibling, enc, tok in (('t5', t5_dir, 'T5 encoder', 'tokenizer_2', T5EncoderModel, AutoTokenizer),
-                                               ('clip', clip_dir, 'CLIP text encoder', 'tokenizer', CLIPTextModel,
-                                                CLIPTokenizer)):
+    for key, path, what, sibling, enc, tok in (
+            ('t5', t5_dir, 'T5 encoder', 'tokenizer_2', T5EncoderModel, AutoTokenizer),
+            ('clip', clip_dir, 'CLIP text encoder', 'tokenizer', CLIPTextModel, CLIPTokenizer)):
         if not path or not os.path.isdir(path):
             raise FileNotFoundError(f'{what} folder {path!r} does not exist (a local folder: nothing is downloaded)')
         sibling = os.path.join(os.path.dirname(os.path.normpath(path)), sibling)
@@ -72,8 +70,7 @@ def encode_prompts(prompts, enc, max_length=512):
 # ----------------------------------------------------------------------------------------------------------
 # Models and the sampler
 
-def make_noise(seeds, channels, h, w):
-    """One fp32 CPU generator per image, so image i depends on its own seed only (not on batch size or rank)."""
+def make_noise(seeds, channels, h, w):  # one generator per image: image i depends on its own seed only
     return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 @torch.no_grad()
@@ -88,10 +85,9 @@ def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, n
     img_ids, txt_ids = model.make_img_ids(h, w, device=p.device), model.make_txt_ids(txt.shape[1], device=p.device)
     ts = get_schedule(steps, shift=shift, image_seq_len=(h // 2) * (w // 2))
     ts[0] = first_t
-    cfg = true_cfg != 1.0
-    if cfg and (neg_txt is None or neg_y is None):
-        raise ValueError('true_cfg != 1 needs the negative prompt embeddings neg_txt, neg_y')
-    if cfg:  # one batched forward for the conditional and the negative halves
+    if cfg := true_cfg != 1.0:  # one batched forward for the conditional and the negative halves
+        if neg_txt is None or neg_y is None:
+            raise ValueError('true_cfg != 1 needs the negative prompt embeddings neg_txt, neg_y')
         txt, y = torch.cat([txt, neg_txt.expand_as(txt)]), torch.cat([y, neg_y.expand_as(y)])
     txt, y = txt.to(p.device, p.dtype), y.to(p.device, p.dtype)
 
@@ -153,10 +149,8 @@ def parse_size(size):
     return h, w
 
 def parse_shift(shift):
-    if shift == 'dynamic':
-        return None
     try:
-        return float(shift)
+        return None if shift == 'dynamic' else float(shift)
     except ValueError:
         raise ValueError(f"--shift {shift!r}: a number (e.g. 3.0) or 'dynamic'") from None
 

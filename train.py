@@ -4,9 +4,7 @@ SCFM self-distillation (and plain flow matching) for Flux-architecture DiTs: one
     torchrun --standalone --nproc_per_node=8 train.py config/flux3.py            # 8 GPUs, FLUX.1-dev, LoRA
     python train.py config/flux3.py --batch_size=4 --grad_accum=4                 # 1 GPU
     python train.py config/digits_scfm.py                                         # the CPU testbed
-    # several nodes: hybrid sharding (replicate across nodes, shard within a node)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
-        train.py config/flux3.py --dp_replicate=2
+    torchrun --nnodes=2 ... train.py config/flux3.py --dp_replicate=2    # nodes: replicate across, shard within
 
 One network, several weight sets. The student is the network's trainable weights (a LoRA, or all weights). The
 targets come from the same network with other weights swapped in place on the local shards (no communication, no
@@ -59,9 +57,7 @@ ckpt_interval = 200          # steps between checkpoints (also one at the end)
 keep_ckpts = 2               # older checkpoints are deleted
 snapshot_interval = 0        # > 0: also export the student every N steps to snapshots/ (quality-vs-step curves)
 log_interval = 10
-wandb_log = False
-wandb_project = 'scfm'
-wandb_run_name = 'run'
+wandb_log, wandb_project, wandb_run_name = False, 'scfm', 'run'
 # data: shards written by data/<name>/prepare*.py (format: data/shards.py, README)
 data_dir = 'data/digits'
 # model
@@ -82,8 +78,7 @@ self_steps = (2, 4, 8, 16)   # self windows: 2 sub-steps of one of these grids
 shift_range = (2.5, 4.5)     # per-sample timestep shift s ~ U[a, b)
 dyn_shift_prob = 0.0         # chance of the resolution-dependent shift instead (official Flux code: 0.1)
 guidance_range = (0.0, 7.5)  # per-sample embedded guidance for guidance-distilled models
-ema_fast = 0.99
-ema_slow = 0.999
+ema_fast, ema_slow = 0.99, 0.999  # EMA decays
 ema_reset_every = 0          # > 0: reset both EMAs to the student every N steps (paper: cyclic restarts)
 near_self = 'fast'           # V_near for self samples: 'fast' (dual EMA) | 'slow' (one EMA: vanilla)
 far_teacher = 'slow'         # V_far for teacher samples: 'slow' (official) | 'teacher' (paper's vanilla Eq. 13)
@@ -93,8 +88,7 @@ grad_accum = 1
 max_iters = 1000
 lr = 2e-5
 lr_schedule = 'constant'     # 'constant' | 'cosine'
-warmup_iters = 0
-min_lr = 0.0
+warmup_iters, min_lr = 0, 0.0
 weight_decay = 0.0
 beta1, beta2 = 0.9, 0.999
 grad_clip = 1.0              # 0 = off
@@ -156,11 +150,10 @@ net.gradient_checkpointing = grad_ckpt
 if compile:
     net.compile_blocks()
 mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
-# The root casts the inputs to bf16; the blocks cast nothing (RoPE's cos/sin stay fp32, as in sampling, and a
-# checkpointed block recomputes with its forward's dtypes). Frozen weights (a LoRA's base) are stored in the compute
-# dtype: no optimizer needs an fp32 master of them. On one process FSDP leaves them alone (sharding over one rank
-# would only copy them at every forward). Every forward reshards, the root's too: the target passes swap weights
-# into the *sharded* parameters, so an unsharded copy must never outlive a forward.
+# The root casts the inputs to bf16, the blocks nothing (RoPE stays fp32; a checkpointed block recomputes with its
+# forward's dtypes). Frozen weights (a LoRA's base) live in the compute dtype (no optimizer needs an fp32 master) and,
+# on one process, outside FSDP (sharding over one rank only copies them). Every forward reshards, the root's too: the
+# target passes swap weights into the *sharded* parameters, so no unsharded copy may outlive a forward.
 frozen = {p for p in net.parameters() if not p.requires_grad}
 for p in frozen:
     p.data = p.data.to(mixed.get('param_dtype', torch.float32))
@@ -347,7 +340,8 @@ sizes = [sum(n for _, n in b) for b in buckets]
 shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
 for n, (C, H, W, Lt) in zip(sizes, shapes):
     print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
-position_ids = {(H, W, Lt): (make_img_ids(H, W, device=device), make_txt_ids(Lt, device=device)) for _, H, W, Lt in shapes}
+position_ids = {(H, W, Lt): (make_img_ids(H, W, device=device), make_txt_ids(Lt, device=device))
+                for _, H, W, Lt in shapes}
 bucket_of, pos_of = bucket_schedule(sizes, max_iters, seed)  # a whole batch comes from one bucket
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -364,11 +358,9 @@ if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-near = {scfm.TEACHER: 'teacher', scfm.SELF: near_self}   # V_near of each window role
-far = {scfm.TEACHER: far_teacher, scfm.SELF: 'slow'}     # V_far
-step = start_step
+near, far = {scfm.TEACHER: 'teacher', scfm.SELF: near_self}, {scfm.TEACHER: far_teacher, scfm.SELF: 'slow'}
+step, t_last = start_step, time.time()
 bar = tqdm(total=max_iters, initial=start_step, desc='train', disable=not master, dynamic_ncols=True)
-t_last = time.time()
 while step < max_iters:
     for group in optimizer.param_groups:
         group['lr'] = get_lr(step)
@@ -401,7 +393,7 @@ while step < max_iters:
     dist.all_reduce(count_by_role)
     loss = (loss_by_role.sum() / batch_size).item()
     if not math.isfinite(loss):
-        raise FloatingPointError(f'loss is {loss} at step {step}: stopping. Nothing was saved at this step; the last '
+        raise FloatingPointError(f'loss is {loss} at step {step}: stopping; nothing was saved at this step, the last '
                                  f'good checkpoint is {latest_checkpoint() or "(none yet)"}. Lower lr or check the data.')
     grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip if grad_clip > 0 else float('inf'))
     grad_norm = grad_norm.full_tensor().item() if isinstance(grad_norm, DTensor) else grad_norm.item()
@@ -416,10 +408,9 @@ while step < max_iters:
         if device_type == 'cuda':
             torch.cuda.synchronize()
         dt, t_last = (time.time() - t_last) / log_interval, time.time()
-        # model FLOPs of a step: the student's fwd+bwd (3 forwards) per sample + two no-grad target forwards per
-        # window sample, as fwd+bwd-equivalent samples per second
+        # model FLOPs utilisation: the student's fwd+bwd (3 forwards) per sample + two target forwards per window
         windows = (count_by_role[scfm.TEACHER] + count_by_role[scfm.SELF]).item()
-        mfu = net.estimate_mfu((3 * batch_size + 2 * windows) / 3 / dt, img_tokens, Lt, peak_flops)
+        mfu = (3 * batch_size + 2 * windows) * net.estimate_flops(img_tokens, Lt) / dt / peak_flops
         log = dict(loss=loss, **{f'loss_{name}': (loss_by_role[r] / count_by_role[r]).item()
                                  for r, name in enumerate(scfm.ROLES) if count_by_role[r] > 0},
                    grad_norm=grad_norm, lr=get_lr(step - 1), tokens=img_tokens, step_time=dt, img_per_s=batch_size / dt,

@@ -8,8 +8,7 @@
     python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width
     python bench.py gpu-train [preset] [device] [batch] [grad_accum] [iters] [train.py args]  # step time, MFU
 
-The GPU ones use random weights of FLUX.1-dev's sizes; without a GPU they run as a check of the code:
-`gpu small cpu 64 3 0`, `gpu-model tiny cpu`, `gpu-train tiny cpu 4 1 3 --compile=False`.
+GPU ones: random weights of FLUX.1-dev's sizes; `gpu small cpu 64 3 0`, `gpu-model tiny cpu` check them on a CPU.
 """
 import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time
 from statistics import median
@@ -27,9 +26,9 @@ CFG = model.PRESETS['small']  # hidden 512, 4 double + 8 single blocks
 STEP_BATCH, STEP_RANK, STEP_ITERS = 4, 16, 6  # the step bench: 256 image tokens (32x32 latents) + 64 text tokens
 
 def time_pair(run_a, run_b, warmup=1, rounds=4, device='cpu'):
-    """Median times of two functions and the median of their per-round ratios. They alternate, so a load change on
-    a shared machine hits both alike, in an order swapped every round, as the second of two back-to-back runs can be
-    faster (warm caches). The median of per-round ratios ignores the rounds that a load spike hits."""
+    """Median times of two functions and the median of their per-round ratios. They alternate (a load change hits
+    both alike) in an order swapped every round (the second of two runs can be faster); the median ratio ignores the
+    rounds a load spike hits."""
     times = {run_a: [], run_b: []}
     for i in range(warmup + rounds):
         for run in (run_a, run_b) if i % 2 == 0 else (run_b, run_a):
@@ -58,8 +57,7 @@ def random_model(cfg=CFG, device='cpu', dtype=torch.float32):
 
 def diffusers_twin(net, cfg, diffusers_class='FluxTransformer2DModel'):
     """The same weights in diffusers (FluxTransformer2DModel or AutoencoderKL), converted by convert_weights."""
-    import convert_weights
-    import diffusers
+    import convert_weights, diffusers
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, f'{tmp}/ours.safetensors',
                   metadata={'config': json.dumps(dataclasses.asdict(cfg))})
@@ -73,8 +71,7 @@ def as_ours(ref):
         txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 def fused_forward(net, *args):
-    """net(*args) with model.Linear doing one matmul per fused BFL weight (qkv, linear1) and splitting its output,
-    in place of one matmul per row block of the weight."""
+    """net(*args) with one matmul per fused BFL weight (qkv, linear1), its output split, not one per row block."""
     def linear(self, x, split=None):
         out = torch.nn.functional.linear(x, self.weight, self.bias)
         return out if split is None else out.split(split, -1)
@@ -86,9 +83,8 @@ def fused_forward(net, *args):
 
 def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=48, cfg=CFG, device='cpu', batch=2,
                 latent=32, text_tokens=64, warmup=1):
-    """Our Flux against diffusers' FluxTransformer2DModel with the same weights, an identical copy of ours (how far a
-    ratio strays from 1 by noise alone) and ours with fused matmuls (split vs fused). Single runs on a shared CPU
-    stray by ~10%, so a median ratio needs ~100 rounds to settle to ~1%."""
+    """Our Flux against diffusers' FluxTransformer2DModel (same weights), an identical copy of ours (how far a ratio
+    strays from 1 by noise alone) and ours with fused matmuls. ~100 rounds settle a median ratio to ~1%."""
     ours, rows, tokens = random_model(cfg, device), [], (latent // 2) ** 2
     ref, twin = diffusers_twin(ours, cfg).to(device), copy.deepcopy(ours)
     ids = model.make_img_ids(latent, latent, device=device), model.make_txt_ids(text_tokens, device=device)
@@ -115,11 +111,6 @@ def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=4
           f'| ours (ms) | other (ms) | ratio ours/other | rel. error |\n|---|---|---|---|---|---|---|')
     for name, what, other, a, b, ratio, err in rows:
         print(f'| {name} | {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} | {err:.1e} |')
-    noise = {row[:2]: row[5] for row in rows if row[2].endswith('(noise)')}
-    for name, what, _, _, _, ratio, _ in (row for row in rows if row[2].endswith('(split vs fused)')):
-        ahead = 1 - ratio > abs(1 - noise[name, what])  # split matmuls stay only if they win by more than the noise
-        print(f'split vs fused, {name} {what}: {ratio:.3f}, noise {noise[name, what]:.3f}: the split matmuls are '
-              f'{"" if ahead else "not "}ahead of one fused matmul by more than the noise')
 
 def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2):
     """`model` at FLUX.1-dev width with a few blocks, 1024 image tokens (512 px) and 512 T5 tokens."""
@@ -151,8 +142,8 @@ def run_train(cfg, device, batch, latent, text_tokens, *args, echo=False):
                            '--ckpt_interval=100000'], echo)
 
 def reference_step():
-    """SCFM steps as the official code builds them (docs/method.md): diffusers + a peft LoRA whose weights each target
-    pass overwrites in place (zeros for the teacher, the fast or the slow EMA); the target is scfm.target."""
+    """SCFM steps built as the official code builds them: diffusers + a peft LoRA overwritten in place for each target
+    pass (zeros for the teacher, the fast or the slow EMA)."""
     from peft import LoraConfig
     ref = diffusers_twin(random_model(), CFG).requires_grad_(False)
     ref.add_adapter(LoraConfig(r=STEP_RANK, lora_alpha=STEP_RANK, target_modules=[
@@ -188,8 +179,7 @@ def reference_step():
         print(f'step {i + 1}: step_time {seconds(step):.6g}', flush=True)
 
 def bench_step(rounds=5):
-    """train.py (FSDP2, 1 process, LoRA on every linear) against reference_step, each in a fresh process; whole runs
-    alternate in swapped order, as in time_pair."""
+    """train.py (FSDP2, 1 process, LoRA on every linear) against reference_step, fresh processes in swapped order."""
     times, rss, rounds = {'ours': [], 'reference': []}, {}, int(rounds)
     run = {'ours': lambda: run_train(CFG, 'cpu', 16, 32, 64, '--model=small', f'--lora_rank={STEP_RANK}', '--lr=1e-4',
                                      f'--batch_size={STEP_BATCH}', f'--max_iters={STEP_ITERS}', '--dtype=float32'),
@@ -209,8 +199,8 @@ def bench_step(rounds=5):
           f'{rss["ours"] / rss["reference"]:.2f} |')
 
 def bench_sample(steps=3, size=256):
-    """Small random T5 (512 tokens) and CLIP encoders (the transformers models both pipelines call; tokenizers take
-    microseconds), the mid-size transformer (sample.generate vs diffusers) and the tiny Flux AE (vs AutoencoderKL)."""
+    """Random T5 (512 tokens) and CLIP (both pipelines call the same transformers models), the mid-size transformer
+    (sample.generate vs diffusers) and the tiny Flux AE (vs AutoencoderKL)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     steps, size, h = int(steps), int(size), int(size) // 8
     t5 = T5EncoderModel(T5Config(d_model=CFG.context_in_dim, d_ff=1024, d_kv=32, num_heads=8, num_layers=4)).eval()
@@ -241,8 +231,8 @@ def bench_sample(steps=3, size=256):
         print(f'| {name} | {a * 1e3:.1f} | {100 * a / rows[-1][1]:.0f}% | {b * 1e3:.1f} | {a / b:.2f} |')
 
 def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
-    """Sampling latency at batch 1, 512 T5 tokens, bf16: the transformer eager and with compiled blocks, the AE decode
-    eager, with cuDNN autotuning and with channels_last; medians of 5 after a warm-up (kernels, compilation)."""
+    """Latency at batch 1, 512 T5 tokens, bf16: the transformer eager and compiled, the AE decode eager, with cuDNN
+    autotuning and channels_last; medians of 5 after a warm-up."""
     cfg, h, steps = model.PRESETS[preset], int(size) // 8, int(steps)
     net = random_model(cfg, device, torch.bfloat16).eval()  # built on meta: 24 GB, not 48 + 24
     ae = model.AutoEncoder(model.AE_PRESETS['flux' if preset.startswith('flux') else 'tiny']).to(device, torch.bfloat16)

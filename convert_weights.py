@@ -17,9 +17,11 @@ import struct
 import sys
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 import model
 
@@ -33,8 +35,8 @@ class ConvertError(ValueError):
 
 # ---- safetensors I/O. A source is {name: (safe_open handle, key in that file)}; data is read only when asked for.
 
-def open_files(paths, strip=()):
-    """Files (e.g. diffusers shards) -> (one source, a prefix in `strip` cut off the names; the first metadata)."""
+def open_files(paths):
+    """Files (e.g. diffusers shards) -> (one source, the first file's metadata)."""
     src, metadata = {}, None
     for path in paths:
         try:
@@ -46,8 +48,7 @@ def open_files(paths, strip=()):
                                "checkpoints are never unpickled here: re-save them as .safetensors") from None
         metadata = f.metadata() or {} if metadata is None else metadata
         for k in f.keys():
-            name = next((k[len(p):] for p in strip if k.startswith(p)), k)
-            if name in src:
+            if (name := k.removeprefix("model.diffusion_model.")) in src:  # ComfyUI/community single files
                 raise ConvertError(f"{path}: tensor {name!r} is also in an earlier shard")
             src[name] = (f, k)
     return src, metadata or {}
@@ -87,11 +88,9 @@ def write_safetensors(path, metas, tensors, metadata=None):
 def write_dict(path, sd, metadata=None):
     write_safetensors(path, sd, iter(sd.items()), metadata)
 
-# A plan is a list of groups (out_names, fn, src_keys): fn(list of source tensors) -> list of output tensors. Run on
-# meta tensors it gives the output shapes, so a header can be written before any data is read.
-
 def run_plan(plan, get, dtype=None):
-    """Yields (name, tensor) one group at a time; get(key) -> source tensor."""
+    """A plan is a list of groups (out_names, fn, src_keys), fn(source tensors) -> output tensors. Yields (name,
+    tensor) one group at a time, get(key) -> source tensor; run on meta tensors, it gives the shapes for a header."""
     for outs, fn, keys in plan:
         for o, t in zip(outs, fn([get(k) for k in keys])):
             yield o, (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
@@ -101,49 +100,39 @@ _GROUPS = {"i": r"\d+", "j": r"\d+", "l": r"\d+", "s": "weight|bias", "e": "enco
 def _regex(template):  # "{i}" in a name template -> a named group
     return re.compile(re.sub(r"\\\{(\w)\\\}", lambda m: f"(?P<{m[1]}>{_GROUPS[m[1]]})", re.escape(template)))
 
-def _ident(x):
-    return x
+def _count(keys, pattern):  # number of blocks = 1 + the largest index
+    return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
 
 # ---- Autoencoder: BFL <-> diffusers AutoencoderKL. Pieces of a name are renamed in turn; {l} is a decoder level,
 # which diffusers counts from the other end. Mid-block attention q/k/v/proj_out: 1x1 convs in BFL, linears there.
 
-_VAE_RULES = [
-    ("{e}.norm_out.", "{e}.conv_norm_out."), (".nin_shortcut.", ".conv_shortcut."),
-    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
-    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
-    ("decoder.up.{l}.block.{j}.", "decoder.up_blocks.{l}.resnets.{j}."),
-    ("decoder.up.{l}.upsample.", "decoder.up_blocks.{l}.upsamplers.0."),
-    (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
-    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
-    (".mid.attn_1.{q}.", ".mid_block.attentions.0.to_{q}."),
-    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
-]
-_VAE_REGEX = [(_regex(b), d, _regex(d), b) for b, d in _VAE_RULES]
+_VAE_RULES = [("{e}.norm_out.", "{e}.conv_norm_out."), (".nin_shortcut.", ".conv_shortcut."),
+              ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+              ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
+              ("decoder.up.{l}.block.{j}.", "decoder.up_blocks.{l}.resnets.{j}."),
+              ("decoder.up.{l}.upsample.", "decoder.up_blocks.{l}.upsamplers.0."),
+              (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
+              (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+              (".mid.attn_1.{q}.", ".mid_block.attentions.0.to_{q}."),
+              (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0.")]
+_VAE_REGEX = {True: [(_regex(b), d) for b, d in _VAE_RULES], False: [(_regex(d), b) for b, d in _VAE_RULES]}
 _VAE_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 def vae_plan(keys, to_diffusers):
-    up = r"decoder\.up\.(\d+)\." if to_diffusers else r"decoder\.up_blocks\.(\d+)\."
-    levels = 1 + max((int(m[1]) for k in keys if (m := re.match(up, k))), default=3)
-
-    def fields(m):  # the named groups of a match, the decoder level counted from the other end
-        g = m.groupdict()
-        return {**g, "l": levels - 1 - int(g["l"])} if "l" in g else g
-    to_linear = (lambda x: [x[0].reshape(x[0].shape[:2])]) if to_diffusers else (
-        lambda x: [x[0].reshape(*x[0].shape[:2], 1, 1)])
+    levels = _count(keys, r"decoder\.up\.(\d+)\." if to_diffusers else r"decoder\.up_blocks\.(\d+)\.")
+    to_linear = (lambda x: [x[0].flatten(1)]) if to_diffusers else (lambda x: [x[0][:, :, None, None]])
     plan = []
-    for k in keys:
-        out = k
-        for old, new in ({} if to_diffusers else _VAE_LEGACY).items():  # older diffusers attention names
-            out = out.replace(old, new)
-        for bfl_rx, dif, dif_rx, bfl in _VAE_REGEX:
-            rx, template = (bfl_rx, dif) if to_diffusers else (dif_rx, bfl)
-            out = rx.sub(lambda m: template.format(**fields(m)), out, count=1)
+    for k in keys:  # older diffusers files name the attention layers query/key/value/proj_attn
+        out = k if to_diffusers else re.sub(r"\.(query|key|value|proj_attn)\.", lambda m: _VAE_LEGACY[m[0]], k)
+        for rx, template in _VAE_REGEX[to_diffusers]:  # diffusers counts the decoder levels {l} from the other end
+            out = rx.sub(lambda m: template.format(**{g: levels - 1 - int(v) if g == "l" else v
+                                                      for g, v in m.groupdict().items()}), out, count=1)
         conv = re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", k if to_diffusers else out)
-        plan.append(([out], to_linear if conv else _ident, [k]))
+        plan.append(([out], to_linear if conv else list, [k]))
     return plan
 
-# ---- Transformer: BFL <-> diffusers FluxTransformer2DModel. {i} = block index, {s} = weight|bias. "fuse": one BFL
-# tensor = row-concatenation of the diffusers ones; "swap": the two row halves are swapped.
+# ---- Transformer: BFL <-> diffusers FluxTransformer2DModel. {i} = block index, {s} = weight|bias. A BFL tensor with
+# several diffusers names is their row-concatenation ("fuse"); "swap": the two row halves are swapped.
 
 _RULES = [("img_in.{s}", ["x_embedder.{s}"]), ("txt_in.{s}", ["context_embedder.{s}"]),
           *[(f"{b}.{io}_layer.{{s}}", [f"time_text_embed.{d}_embedder.linear_{n}.{{s}}"])
@@ -151,77 +140,61 @@ _RULES = [("img_in.{s}", ["x_embedder.{s}"]), ("txt_in.{s}", ["context_embedder.
             for io, n in (("in", 1), ("out", 2))],
           ("double_blocks.{i}.img_mod.lin.{s}", ["transformer_blocks.{i}.norm1.linear.{s}"]),
           ("double_blocks.{i}.txt_mod.lin.{s}", ["transformer_blocks.{i}.norm1_context.linear.{s}"]),
-          ("double_blocks.{i}.img_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.to_{x}.{{s}}" for x in "qkv"],
-           "fuse"),
-          ("double_blocks.{i}.txt_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{s}}" for x in "qkv"],
-           "fuse"),
-          ("double_blocks.{i}.img_attn.norm.query_norm.scale", ["transformer_blocks.{i}.attn.norm_q.weight"]),
-          ("double_blocks.{i}.img_attn.norm.key_norm.scale", ["transformer_blocks.{i}.attn.norm_k.weight"]),
-          ("double_blocks.{i}.txt_attn.norm.query_norm.scale", ["transformer_blocks.{i}.attn.norm_added_q.weight"]),
-          ("double_blocks.{i}.txt_attn.norm.key_norm.scale", ["transformer_blocks.{i}.attn.norm_added_k.weight"]),
+          ("double_blocks.{i}.img_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.to_{x}.{{s}}" for x in "qkv"]),
+          ("double_blocks.{i}.txt_attn.qkv.{s}", [f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{s}}" for x in "qkv"]),
+          *[(f"double_blocks.{{i}}.{x}_attn.norm.{qk}_norm.scale", [f"transformer_blocks.{{i}}.attn.norm_{d}.weight"])
+            for x, qk, d in (("img", "query", "q"), ("img", "key", "k"), ("txt", "query", "added_q"),
+                             ("txt", "key", "added_k"))],
           ("double_blocks.{i}.img_attn.proj.{s}", ["transformer_blocks.{i}.attn.to_out.0.{s}"]),
           ("double_blocks.{i}.txt_attn.proj.{s}", ["transformer_blocks.{i}.attn.to_add_out.{s}"]),
-          ("double_blocks.{i}.img_mlp.0.{s}", ["transformer_blocks.{i}.ff.net.0.proj.{s}"]),
-          ("double_blocks.{i}.img_mlp.2.{s}", ["transformer_blocks.{i}.ff.net.2.{s}"]),
-          ("double_blocks.{i}.txt_mlp.0.{s}", ["transformer_blocks.{i}.ff_context.net.0.proj.{s}"]),
-          ("double_blocks.{i}.txt_mlp.2.{s}", ["transformer_blocks.{i}.ff_context.net.2.{s}"]),
+          *[(f"double_blocks.{{i}}.{x}_mlp.{n}.{{s}}", [f"transformer_blocks.{{i}}.{ff}.net.{d}.{{s}}"])
+            for x, ff in (("img", "ff"), ("txt", "ff_context")) for n, d in (("0", "0.proj"), ("2", "2"))],
           ("single_blocks.{i}.modulation.lin.{s}", ["single_transformer_blocks.{i}.norm.linear.{s}"]),
           ("single_blocks.{i}.linear1.{s}", [f"single_transformer_blocks.{{i}}.attn.to_{x}.{{s}}" for x in "qkv"]
-           + ["single_transformer_blocks.{i}.proj_mlp.{s}"], "fuse"),
-          ("single_blocks.{i}.norm.query_norm.scale", ["single_transformer_blocks.{i}.attn.norm_q.weight"]),
-          ("single_blocks.{i}.norm.key_norm.scale", ["single_transformer_blocks.{i}.attn.norm_k.weight"]),
+           + ["single_transformer_blocks.{i}.proj_mlp.{s}"]),
+          *[(f"single_blocks.{{i}}.norm.{qk}_norm.scale", [f"single_transformer_blocks.{{i}}.attn.norm_{qk[0]}.weight"])
+            for qk in ("query", "key")],
           ("single_blocks.{i}.linear2.{s}", ["single_transformer_blocks.{i}.proj_out.{s}"]),
           ("final_layer.linear.{s}", ["proj_out.{s}"]),
           ("final_layer.adaLN_modulation.1.{s}", ["norm_out.linear.{s}"], "swap")]
-_BFL2DIF = [(_regex(b), d, (r + ["copy"])[0]) for b, d, *r in _RULES]
-_DIF2BFL = [(_regex(t), b, j, len(d), (r + ["copy"])[0]) for b, d, *r in _RULES for j, t in enumerate(d)]
+_OPS = [op[0] if op else "fuse" if len(d) > 1 else "copy" for _, d, *op in _RULES]
+_BFL2DIF = [(_regex(b), d, op) for (b, d, *_), op in zip(_RULES, _OPS)]  # -> ([diffusers keys], op)
+_DIF2BFL = [(_regex(t), [b], j, len(d), op)  # -> ([BFL key], part index, number of parts, op)
+            for (b, d, *_), op in zip(_RULES, _OPS) for j, t in enumerate(d)]
 
-def bfl_to_diffusers_key(k):
-    """BFL key -> ([diffusers keys], op) or None."""
-    return next((([t.format(**m.groupdict()) for t in dif], op) for rx, dif, op in _BFL2DIF
+def _rename(table, k):  # the first rule that matches all of k -> (its names filled in from the match, *the rest)
+    return next((([t.format(**m.groupdict()) for t in names], *rest) for rx, names, *rest in table
                  if (m := rx.fullmatch(k))), None)
 
-def diffusers_to_bfl_key(k):
-    """diffusers key -> (BFL key, part index, number of parts, op) or None."""
-    return next(((bfl.format(**m.groupdict()), j, n, op) for rx, bfl, j, n, op in _DIF2BFL
-                 if (m := rx.fullmatch(k))), None)
+# swap: BFL's final adaLN is (shift, scale), diffusers' (scale, shift); its own inverse
+_TO_BFL = {"copy": list, "fuse": lambda x: [torch.cat(x, 0)], "swap": lambda x: [torch.cat(x[0].chunk(2)[::-1])]}
 
-def _swap(t):  # BFL's final adaLN is (shift, scale), diffusers' (scale, shift); its own inverse
-    return torch.cat(t.chunk(2, 0)[::-1], 0)
+def _split(x, n, hidden):  # undoes "fuse": q, k, v have `hidden` rows each, linear1's MLP input the rest
+    return list(x[0].tensor_split([hidden, 2 * hidden, 3 * hidden][:n - 1]))
 
-_TO_BFL = {"copy": _ident, "fuse": lambda x: [torch.cat(x, 0)], "swap": lambda x: [_swap(x[0])]}
-
-def _split(x, n, hidden):  # undoes "fuse": qkv = 3 x hidden rows; linear1 = q, k, v + the MLP input
-    return list(x[0].split([hidden] * 3 + [x[0].shape[0] - 3 * hidden] * (n - 3)))
-
-def diffusers_to_bfl_plan(keys, where="?"):
-    """Groups diffusers keys by the BFL key they form; every part of a fused tensor must be present."""
+def diffusers_to_bfl_plan(keys, where="?"):  # every part of a fused BFL tensor must be present
     groups = {}  # BFL key -> (op, [diffusers key per part])
     for k in keys:
-        if (r := diffusers_to_bfl_key(k)) is None:
+        if (r := _rename(_DIF2BFL, k)) is None:
             raise ConvertError(f"{where}: unexpected key {k!r} (no BFL equivalent)")
-        groups.setdefault(r[0], (r[3], [None] * r[2]))[1][r[1]] = k
+        groups.setdefault(r[0][0], (r[3], [None] * r[2]))[1][r[1]] = k
     for bfl, (op, parts) in groups.items():
         if None in parts:
-            raise ConvertError(f"{where}: missing key {bfl_to_diffusers_key(bfl)[0][parts.index(None)]!r} (needed "
+            raise ConvertError(f"{where}: missing key {_rename(_BFL2DIF, bfl)[0][parts.index(None)]!r} (needed "
                                f"with {[p for p in parts if p]} to build {bfl!r})")
     return [([bfl], _TO_BFL[op], parts) for bfl, (op, parts) in groups.items()]
 
 def bfl_to_diffusers_plan(keys, hidden, where="?"):
     plan = []
     for k in keys:
-        if (r := bfl_to_diffusers_key(k)) is None:
+        if (r := _rename(_BFL2DIF, k)) is None:
             raise ConvertError(f"{where}: key {k!r} has no diffusers equivalent")
         fn = partial(_split, n=len(r[0]), hidden=hidden) if r[1] == "fuse" else _TO_BFL[r[1]]  # swap: own inverse
         plan.append((r[0], fn, [k]))
     return plan
 
-# ---- Config inference and validation. What the weights do not hold comes from `hint` (our metadata or diffusers'
-# config.json): Flux's axes_dim and theta (else a preset with the same head_dim, else head_dim split 1:7:7 like
-# Flux), the AE's scale/shift factors and GroupNorm group count (else Flux's values).
-
-def _count(keys, pattern):  # number of blocks = 1 + the largest index
-    return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
+# ---- Config inference and validation. `hint` (our metadata or diffusers' config.json) gives what the weights lack:
+# Flux's axes_dim (else a preset's with that head_dim, else 1:7:7) and theta, the AE's scale/shift and norm groups.
 
 def infer_flux_config(shapes, hint=None):
     hint, hidden = hint or {}, shapes["img_in.weight"][0]
@@ -232,7 +205,8 @@ def infer_flux_config(shapes, hint=None):
            else shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden)
     preset = next((p.axes_dim for p in model.PRESETS.values() if sum(p.axes_dim) == head_dim), None)
     b = 2 * ((7 * head_dim // 16) // 2)
-    axes = hint["axes_dim"] if sum(hint.get("axes_dim") or ()) == head_dim else preset or (head_dim - 2 * b, b, b)
+    axes = hint.get("axes_dim") or hint.get("axes_dims_rope") or ()  # ours, diffusers'
+    axes = axes if sum(axes) == head_dim else preset or (head_dim - 2 * b, b, b)
     return model.FluxConfig(
         in_channels=shapes["img_in.weight"][1], out_channels=shapes["final_layer.linear.weight"][0],
         vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
@@ -242,40 +216,37 @@ def infer_flux_config(shapes, hint=None):
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes if depth else True)
 
 def infer_ae_config(shapes, hint=None):
-    hint, (ch, in_ch) = hint or {}, shapes["encoder.conv_in.weight"][:2]
-    c = dict(in_channels=in_ch, ch=ch, out_ch=shapes["decoder.conv_out.weight"][0],
-             ch_mult=tuple(shapes[f"encoder.down.{l}.block.0.conv1.weight"][0] // ch
-                           for l in range(_count(shapes, r"encoder\.down\.(\d+)\."))),
-             num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
-             z_channels=shapes["decoder.conv_in.weight"][1])
-    for ours, dif in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor"),
-                      ("norm_groups", "norm_num_groups"), ("resolution", "resolution")):
-        if hint.get(ours, hint.get(dif)) is not None:
-            c[ours] = hint.get(ours, hint.get(dif))
-    return model.AutoEncoderConfig(**c)
+    hint, ch = hint or {}, shapes["encoder.conv_in.weight"][0]
+    names = (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor"), ("norm_groups", "norm_num_groups"),
+             ("resolution", "resolution"))  # ours, diffusers'
+    return model.AutoEncoderConfig(
+        ch=ch, in_channels=shapes["encoder.conv_in.weight"][1], z_channels=shapes["decoder.conv_in.weight"][1],
+        out_ch=shapes["decoder.conv_out.weight"][0], num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)"),
+        ch_mult=tuple(shapes[f"encoder.down.{l}.block.0.conv1.weight"][0] // ch
+                      for l in range(_count(shapes, r"encoder\.down\.(\d+)\."))),
+        **{ours: v for ours, dif in names if (v := hint.get(ours, hint.get(dif))) is not None})
 
-def checkpoint_plan(fmt, src, hint, where):
-    """-> (plan giving BFL names in model order, config), checked against the model built on the meta device. Errors
-    name the first offending keys, the file and the detected format."""
-    where = f"{where} (detected format: {fmt})"
+def checkpoint_plan(path, formats=("bfl", "diffusers", "bfl-ae", "diffusers-vae")):
+    """-> (format, source, plan of BFL names in model order, config), checked against the model built on meta."""
+    fmt, src, hint = open_checkpoint(path)
+    if fmt not in formats:
+        raise ConvertError(f"{path}: detected format {fmt}, expected {' or '.join(formats)}")
+    where = f"{path} (detected format: {fmt})"
     plan = (diffusers_to_bfl_plan(list(src), where) if fmt == "diffusers" else vae_plan(list(src), False)
-            if fmt == "diffusers-vae" else [([k], _ident, [k]) for k in src])
+            if fmt == "diffusers-vae" else [([k], list, [k]) for k in src])
     shapes = {}
     for outs, fn, keys in plan:  # group by group, so a bad fusion names its keys
         metas = [_meta(src, k) for k in keys]
         try:
             shapes.update({o: tuple(t.shape) for o, t in zip(outs, fn(metas))})
         except RuntimeError as e:
-            raise ConvertError(f"{where}: cannot combine {keys} with shapes {[tuple(t.shape) for t in metas]}: {e}") \
-                from None
+            raise ConvertError(f"{where}: cannot combine {keys}: {e}") from None
     infer, cls = (infer_ae_config, model.AutoEncoder) if fmt.endswith("ae") else (infer_flux_config, model.Flux)
-    try:
+    try:  # KeyError: a key needed to infer the config is missing; also wrong ranks, a head count that does not divide
         cfg = infer(shapes, hint)
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
-    except KeyError as e:
-        raise ConvertError(f"{where}: missing key {e}, needed to infer the model config") from None
-    except Exception as e:  # a key with an unexpected number of dimensions, a head count that does not divide, ...
+    except Exception as e:
         raise ConvertError(f"{where}: cannot infer a valid config from the tensor shapes: {e!r}") from None
     problems = [f"missing key {k!r} (expected shape {s})" for k, s in expected.items() if k not in shapes]
     problems += [f"unexpected key {k!r} (shape {s})" for k, s in shapes.items() if k not in expected]
@@ -285,16 +256,13 @@ def checkpoint_plan(fmt, src, hint, where):
         more = f" (+{len(problems) - 5} more problems)" if len(problems) > 5 else ""
         raise ConvertError(f"{where}: " + "; ".join(problems[:5]) + more)
     order = {k: i for i, k in enumerate(expected)}
-    return sorted(plan, key=lambda g: order[g[0][0]]), cfg
+    return fmt, src, sorted(plan, key=lambda g: order[g[0][0]]), cfg
 
-# ---- Format detection and the readers
+# ---- Format detection, the readers and the model loaders
 
-_STRIP = ("model.diffusion_model.",)  # the key prefix of ComfyUI/community single files
 _FORMATS = {  # the first format with a key that starts with one of its prefixes
-    "bfl": ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "double_blocks.", "single_blocks.",
-            "final_layer."),
-    "diffusers": ("x_embedder.", "transformer_blocks.", "single_transformer_blocks.", "time_text_embed.",
-                  "context_embedder."),
+    "bfl": tuple({b[:b.index(".") + 1] for b, *_ in _RULES}),
+    "diffusers": tuple({t[:t.index(".") + 1] for _, d, *_ in _RULES for t in d}),
     "bfl-ae": ("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid."),
     "diffusers-vae": ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")}
 
@@ -303,31 +271,25 @@ def _folder_files(path):
     path = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
     names = sorted(os.listdir(path))
     if index := [n for n in names if n.endswith(".safetensors.index.json")]:
-        with open(os.path.join(path, index[0])) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(json.loads(Path(path, index[0]).read_text())["weight_map"].values()))
         if missing := [s for s in shards if s not in names]:
             raise ConvertError(f"{path}: {index[0]} lists shard {missing[0]!r}, which is not in the folder")
     else:
-        shards = [n for n in names if n.endswith(".safetensors")]
-        shards = ["diffusion_pytorch_model.safetensors"] if "diffusion_pytorch_model.safetensors" in shards else shards
+        shards = ([n for n in names if n == "diffusion_pytorch_model.safetensors"]
+                  or [n for n in names if n.endswith(".safetensors")])
         if len(shards) != 1:
             pickles = [n for n in names if n.endswith((".bin", ".pt", ".ckpt", ".pth"))]
             raise ConvertError(f"{path}: expected one .safetensors file or an index json, found {shards or 'none'}"
                                + (f" (refusing pickle files {pickles})" if pickles else ""))
-    hint = None
-    if "config.json" in names:
-        with open(os.path.join(path, "config.json")) as f:
-            hint = json.load(f)
-        hint.setdefault("axes_dim", hint.get("axes_dims_rope"))
+    hint = json.loads(Path(path, "config.json").read_text()) if "config.json" in names else None
     return [os.path.join(path, s) for s in shards], hint
 
 def open_checkpoint(path):
-    """-> (format, source, config hint or None); format: bfl, diffusers (transformers), bfl-ae, diffusers-vae,
-    lora-ours, lora-diffusers or lora-kohya."""
+    """-> (format, source, config hint); formats: bfl, diffusers, bfl-ae, diffusers-vae, lora-ours/-diffusers/-kohya"""
     if not os.path.exists(path):
         raise ConvertError(f"{path}: no such file or folder")
     files, hint = _folder_files(path) if os.path.isdir(path) else ([path], None)
-    src, metadata = open_files(files, strip=_STRIP)
+    src, metadata = open_files(files)
     hint = hint or (json.loads(metadata["config"]) if "config" in metadata else None)
     fmt = next((f for f, prefixes in _FORMATS.items() if any(k.startswith(prefixes) for k in src)), None)
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in src):
@@ -335,36 +297,32 @@ def open_checkpoint(path):
     elif any(".lora_A." in k or ".lora_B." in k for k in src):
         fmt = "lora-ours" if fmt == "bfl" else "lora-diffusers"
     if fmt is None:
-        raise ConvertError(f"{path}: unknown format: {len(src)} tensors, e.g. {sorted(src)[:4]}; expected a BFL "
-                           "transformer (img_in.weight, double_blocks.*), a diffusers transformer (x_embedder.weight, "
-                           "transformer_blocks.*), an AE (encoder.down.* / encoder.down_blocks.*) or a LoRA "
-                           "(*.lora_A.weight / *.lora_down.weight)")
+        raise ConvertError(f"{path}: unknown format: {len(src)} tensors, e.g. {sorted(src)[:4]}; expected a BFL or "
+                           "diffusers transformer (img_in.*, double_blocks.* / x_embedder.*, transformer_blocks.*), "
+                           "an AE (encoder.down.* / encoder.down_blocks.*) or a LoRA (*.lora_A.weight, *.lora_down.*)")
     return fmt, src, hint
-
-def _read(path, dtype, formats):
-    fmt, src, hint = open_checkpoint(path)
-    if fmt not in formats:
-        raise ConvertError(f"{path}: detected format {fmt}, expected {' or '.join(formats)}")
-    plan, cfg = checkpoint_plan(fmt, src, hint, path)
-    return cfg, run_plan(plan, partial(_get, src), dtype)
 
 def read_flux(path, dtype=None):
     """Our/BFL transformer file or a diffusers folder -> (FluxConfig, iterator of (BFL name, tensor) in model order,
     read one tensor group at a time). Floating tensors are cast to dtype unless it is None."""
-    return _read(path, dtype, ("bfl", "diffusers"))
+    _, src, plan, cfg = checkpoint_plan(path, ("bfl", "diffusers"))
+    return cfg, run_plan(plan, partial(_get, src), dtype)
 
 def read_ae(path, dtype=None):
     """Our/BFL ae.safetensors or a diffusers vae folder -> (AutoEncoderConfig, iterator of (BFL name, tensor))."""
-    return _read(path, dtype, ("bfl-ae", "diffusers-vae"))
+    _, src, plan, cfg = checkpoint_plan(path, ("bfl-ae", "diffusers-vae"))
+    return cfg, run_plan(plan, partial(_get, src), dtype)
+
+def _build(cls, cfg, tensors, device):  # built on the meta device, each tensor assigned as it is read
+    with torch.device("meta"):
+        net = cls(cfg)
+    net.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
+    return net
 
 def load_transformer(path, device="cpu", dtype=torch.float32, lora=None, lora_scale=1.0, merge=False):
-    """The one model loader: a train.py export or BFL file (config from the metadata or the shapes) or a diffusers
-    folder, read one tensor at a time; optionally a LoRA file (ours, diffusers/PEFT or kohya), kept as a separate
-    branch scaled by lora_scale, or merged into the weights."""
-    cfg, tensors = read_flux(path, dtype)
-    with torch.device("meta"):
-        net = model.Flux(cfg)
-    net.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
+    """The one model loader: a train.py export, BFL file or diffusers folder; optionally a LoRA file (ours,
+    diffusers/PEFT or kohya), kept as a separate branch scaled by lora_scale, or merged into the weights."""
+    net = _build(model.Flux, *read_flux(path, dtype), device)
     if lora:
         lora_sd, _ = load_lora(lora)
         model.load_lora_state_dict(net, {k: v.to(device, dtype) for k, v in lora_sd.items()}, source=lora)
@@ -374,152 +332,107 @@ def load_transformer(path, device="cpu", dtype=torch.float32, lora=None, lora_sc
     return net.eval().requires_grad_(False)
 
 def load_ae(path, device="cpu", dtype=torch.float32):
-    cfg, tensors = read_ae(path, dtype)
-    with torch.device("meta"):
-        ae = model.AutoEncoder(cfg)
-    ae.load_state_dict({k: t.to(device) for k, t in tensors}, strict=True, assign=True)
-    return ae.eval().requires_grad_(False)
+    return _build(model.AutoEncoder, *read_ae(path, dtype), device).eval().requires_grad_(False)
 
 # ---- Whole-checkpoint conversion (streaming)
 
 def _diffusers_config(cfg):
     if isinstance(cfg, model.AutoEncoderConfig):
         n = len(cfg.ch_mult)
-        return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_ch,
-                "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * n,
-                "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": cfg.num_res_blocks,
-                "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups, "act_fn": "silu",
-                "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor,
-                "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+        return dict(_class_name="AutoencoderKL", in_channels=cfg.in_channels, out_channels=cfg.out_ch, act_fn="silu",
+                    block_out_channels=[cfg.ch * m for m in cfg.ch_mult], down_block_types=["DownEncoderBlock2D"] * n,
+                    up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=cfg.num_res_blocks, use_quant_conv=False,
+                    latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scale_factor,
+                    shift_factor=cfg.shift_factor, use_post_quant_conv=False, mid_block_add_attention=True)
     if cfg.mlp_ratio != 4.0 or not cfg.qkv_bias:
         raise ConvertError(f"diffusers FluxTransformer2DModel hard-codes mlp_ratio 4 and qkv bias; config {cfg}")
-    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels, "num_layers": cfg.depth, "num_single_layers": cfg.depth_single_blocks,
-            "attention_head_dim": cfg.hidden_size // cfg.num_heads, "num_attention_heads": cfg.num_heads,
-            "joint_attention_dim": cfg.context_in_dim, "pooled_projection_dim": cfg.vec_in_dim,
-            "guidance_embeds": cfg.guidance_embed, "axes_dims_rope": list(cfg.axes_dim)}
+    return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=cfg.in_channels,
+                out_channels=cfg.out_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+                attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
+                joint_attention_dim=cfg.context_in_dim, pooled_projection_dim=cfg.vec_in_dim,
+                guidance_embeds=cfg.guidance_embed, axes_dims_rope=list(cfg.axes_dim))
 
 def convert(src_path, out_path, to="ours", dtype=None, progress=False):
     """Transformer or AE checkpoint, any supported layout -> our single file (to='ours') or a diffusers folder."""
-    fmt, src, hint = open_checkpoint(src_path)
-    if fmt.startswith("lora"):
-        raise ConvertError(f"{src_path}: detected format {fmt}; convert LoRAs with --lora")
-    plan, cfg = checkpoint_plan(fmt, src, hint, src_path)
-    path, meta = out_path, {"format": "flux-bfl", "model": "ae" if fmt.endswith("ae") else "flux",
-                            "config": json.dumps(asdict(cfg))}
+    fmt, src, plan, cfg = checkpoint_plan(src_path)
+    meta = {"format": "flux-bfl", "model": "ae" if fmt.endswith("ae") else "flux", "config": json.dumps(asdict(cfg))}
     if to == "diffusers":  # compose with the BFL -> diffusers split, still one group at a time
         config, meta, names = _diffusers_config(cfg), {"format": "pt"}, [g[0][0] for g in plan]
         post = vae_plan(names, True) if fmt.endswith("ae") else bfl_to_diffusers_plan(names, cfg.hidden_size)
         plan = [(outs, lambda x, fn=fn, f2=f2: f2(fn(x)), keys) for (_, fn, keys), (outs, f2, _) in zip(plan, post)]
         os.makedirs(out_path, exist_ok=True)
-        path = os.path.join(out_path, "diffusion_pytorch_model.safetensors")
+    path = os.path.join(out_path, "diffusion_pytorch_model.safetensors") if to == "diffusers" else out_path
     metas = dict(run_plan(plan, partial(_meta, src), dtype))
-    if progress:
-        from tqdm import tqdm
-        plan = tqdm(plan, unit="group", desc="converting")
+    plan = tqdm(plan, unit="group", desc="converting", disable=not progress)
     write_safetensors(path, metas, run_plan(plan, partial(_get, src), dtype), meta)
     if to == "diffusers":
-        with open(os.path.join(out_path, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        Path(out_path, "config.json").write_text(json.dumps(config, indent=2))
     return fmt, cfg
 
 # ---- LoRA files. Ours (= model.lora_state_dict): '<BFL module>.lora_A.weight' (r, in), '.lora_B.weight' (out, r),
-# '.alpha'; delta W = alpha/r * B @ A. kohya: the same with other names. diffusers/PEFT: on the split diffusers
-# linears, with alpha/r folded into B (PEFT then loads it with alpha = r).
+# '.alpha'; delta W = alpha/r * B @ A. kohya: 'lora_unet_<module, _ for .>.lora_down/up.weight'. diffusers: see below.
 
-def _lora_groups(sd, where, fold=False):
-    """Ours -> {module: (A, B, alpha)}; alpha defaults to the rank; fold=True folds alpha/r into B (alpha = r)."""
-    g = {}
-    for k, v in sd.items():
-        i = next((i for i, s in enumerate((".lora_A.weight", ".lora_B.weight", ".alpha")) if k.endswith(s)), None)
-        if i is None:
-            raise ConvertError(f"{where}: unexpected LoRA key {k!r} (ours has .lora_A.weight/.lora_B.weight/.alpha)")
-        g.setdefault(k[:k.rindex(".lora_")] if i < 2 else k[:-6], [None, None, None])[i] = v
-    for m, (a, b, alpha) in g.items():
-        if a is None or b is None or a.shape[0] != b.shape[1]:
-            raise ConvertError(f"{where}: LoRA module {m!r} needs lora_A (r, in) and lora_B (out, r), found "
-                               f"{None if a is None else tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
-        r, alpha = a.shape[0], float(a.shape[0] if alpha is None else alpha)
-        g[m] = (a, (b.float() * (alpha / r)).to(b.dtype), float(r)) if fold and alpha != r else (a, b, alpha)
-    return g
+_KOHYA = [(_regex("lora_unet_" + b[:-4].replace(".", "_")), [b[:-4]], 0, 1, "copy")  # kohya names lose the dots
+          for b, *_ in _RULES if b.endswith(".{s}")]
+_LORA_KINDS = {"lora_A.weight": 0, "lora_down.weight": 0, "lora_B.weight": 1, "lora_up.weight": 1, "alpha": 2}
 
-# kohya names lose the dots; rebuild them from the BFL module templates of the rules table
-_KOHYA = [(_regex(b[:-4].replace(".", "_")), b[:-4]) for b, *_ in _RULES if b.endswith(".{s}")]
-_KOHYA_KIND = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+def _fold(b, scale):  # alpha/r folded into B, so that alpha = r
+    return b if scale == 1 else (b.float() * scale).to(b.dtype)
 
-def lora_to_kohya(sd, where="LoRA"):
-    out = {}
-    for m, (a, b, alpha) in _lora_groups(sd, where).items():
-        n = "lora_unet_" + m.replace(".", "_")
-        out.update({f"{n}.lora_down.weight": a, f"{n}.lora_up.weight": b, f"{n}.alpha": torch.tensor(alpha)})
-    return out
-
-def lora_from_kohya(sd, where="LoRA"):
-    out = {}
-    for k, v in sd.items():
-        name, _, kind = k.partition(".")
-        if not name.startswith("lora_unet_"):
-            raise ConvertError(f"{where}: key {k!r} is not a transformer LoRA (only lora_unet_* is supported)")
-        m = next((t.format(**mt.groupdict()) for rx, t in _KOHYA if (mt := rx.fullmatch(name[10:]))), None)
-        if m is None or kind not in _KOHYA_KIND:
-            raise ConvertError(f"{where}: kohya key {k!r} has no BFL linear equivalent")
-        out[f"{m}.{_KOHYA_KIND[kind]}"] = v
-    return out
-
-def lora_to_diffusers(sd, where="LoRA"):
-    """A is copied to every part of a fused BFL linear, B is split by rows like the weight."""
-    out = {}
-    for m, (a, b, _) in _lora_groups(sd, where, fold=True).items():
-        if bfl_to_diffusers_key(m + ".weight") is None:
-            raise ConvertError(f"{where}: LoRA module {m!r} has no diffusers equivalent")
-        [(dif, split, _)] = bfl_to_diffusers_plan([m + ".weight"], a.shape[1])
-        for d, bj in zip(dif, split([b])):
-            out.update({f"transformer.{d[:-7]}.lora_A.weight": a.clone(), f"transformer.{d[:-7]}.lora_B.weight": bj})
-    return out
-
-def lora_from_diffusers(sd, where="LoRA"):
-    """Re-fuses the parts of fused BFL linears. If every part has the same A (as our export writes), keep A and stack
-    the Bs: exact, rank kept. Otherwise stack the As and make B block-diagonal: also exact, with the parts' ranks
-    summed. A part without a LoRA gets zero rows in B (q/k/v: `in` rows, proj_mlp: 4 x `in`)."""
-    parts = {}  # BFL module -> (number of parts, op, {"<part>.lora_A.weight": A, ...})
-    for k, v in sd.items():
-        k = k.removeprefix("transformer.")
-        mod, _, kind = k.rpartition(".lora_") if ".lora_" in k else (k[:-6], "", "alpha")
-        if kind not in ("A.weight", "B.weight", "alpha") or (r := diffusers_to_bfl_key(mod + ".weight")) is None:
-            raise ConvertError(f"{where}: diffusers LoRA key {k!r} is not a supported transformer LoRA tensor")
-        kind = "alpha" if kind == "alpha" else "lora_" + kind
-        parts.setdefault(r[0][:-7], (r[2], r[3], {}))[2][f"{r[1]}.{kind}"] = v
-    out = {}
+def load_lora(path):
+    """Any supported LoRA file -> (our LoRA state dict, detected format); alpha defaults to the rank. diffusers/PEFT
+    parts of one fused BFL linear are re-fused exactly: with one shared A (as our export writes) A is kept and the Bs
+    stacked, else the As are stacked and B is block-diagonal (ranks summed). A part without a LoRA: zero rows in B."""
+    fmt, src, _ = open_checkpoint(path)
+    if not fmt.startswith("lora"):
+        raise ConvertError(f"{path}: detected format {fmt}, not a LoRA")
+    parts, part_of = {}, {}  # BFL module -> (parts, op, {file's module: [A, B, alpha]}); file's module -> its part
+    for k in src:
+        found = re.fullmatch(rf"(.+)\.({'|'.join(map(re.escape, _LORA_KINDS))})", k)
+        name = found[1] if found else k
+        r = found and (([name], 0, 1, "copy") if fmt == "lora-ours" else _rename(_KOHYA, name) if fmt == "lora-kohya"
+                       else _rename(_DIF2BFL, name.removeprefix("transformer.") + ".weight"))
+        if not r:
+            raise ConvertError(f"{path}: {k!r} is not a transformer LoRA tensor of the {fmt} layout (expected "
+                               "<module>.lora_A.weight/.lora_B.weight/.alpha; kohya: lora_unet_*.lora_down.weight/...)")
+        group = parts.setdefault(r[0][0].removesuffix(".weight"), (r[2], r[3], {}))[2]
+        group.setdefault(name, [None] * 3)[_LORA_KINDS[found[2]]] = _get(src, k)
+        part_of[name] = r[1]
+    sd = {}
     for m, (n, op, got) in parts.items():
         A, B = {}, {}
-        for j, (a, b, _) in _lora_groups(got, f"{where}: {m}", fold=True).items():
-            A[int(j)], B[int(j)] = a, b
+        for name, (a, b, alpha) in got.items():
+            if a is None or b is None or a.shape[0] != b.shape[1]:
+                raise ConvertError(f"{path}: LoRA module {name!r} needs lora_A (r, in) and lora_B (out, r), found "
+                                   f"{[None if t is None else tuple(t.shape) for t in (a, b)]}")
+            alpha = float(a.shape[0] if alpha is None else alpha)
+            A[part_of[name]], B[part_of[name]] = a, b if n == 1 else _fold(b, alpha / a.shape[0])  # stackable Bs
         a0 = A[min(A)]
         if any(a.shape[1] != a0.shape[1] for a in A.values()):
-            raise ConvertError(f"{where}: the parts of {m!r} have LoRAs with different input sizes")
+            raise ConvertError(f"{path}: the parts of {m!r} have LoRAs with different input sizes")
         same = all(torch.equal(a, a0) for a in A.values())
         Bs = [B[j] if j in B else torch.zeros(a0.shape[1] * (4 if j == 3 else 1), a0.shape[0] if same else 0,
                                               dtype=a0.dtype) for j in range(n)]
         fused = torch.cat(Bs, 0) if same else torch.block_diag(*Bs)
-        out.update({f"{m}.lora_A.weight": a0 if same else torch.cat([A[j] for j in sorted(A)], 0),
-                    f"{m}.lora_B.weight": _swap(fused) if op == "swap" else fused,
-                    f"{m}.alpha": torch.tensor(float(fused.shape[1]))})
-    return out
-
-def load_lora(path):
-    """Any supported LoRA file -> (our LoRA state dict, detected format)."""
-    fmt, src, _ = open_checkpoint(path)
-    if not fmt.startswith("lora"):
-        raise ConvertError(f"{path}: detected format {fmt}, not a LoRA")
-    sd = {k: _get(src, k) for k in src}
-    if fmt != "lora-ours":
-        sd = (lora_from_kohya if fmt == "lora-kohya" else lora_from_diffusers)(sd, path)
-    _lora_groups(sd, path)  # checks the shapes
+        sd.update({f"{m}.lora_A.weight": a0 if same else torch.cat([A[j] for j in sorted(A)], 0),
+                   f"{m}.lora_B.weight": _TO_BFL[op]([fused])[0],
+                   f"{m}.alpha": torch.tensor(alpha if n == 1 else float(fused.shape[1]))})  # folded: alpha = rank
     return sd, fmt
 
 def convert_lora(src_path, out_path, to="ours"):
+    """Any LoRA file -> ours, kohya or diffusers/PEFT (on the split diffusers linears: alpha/r folded into B, as PEFT
+    loads it with alpha = r; A copied to every part of a fused BFL linear, B split by rows like the weight)."""
     sd, fmt = load_lora(src_path)
-    out = {"ours": _ident, "kohya": lora_to_kohya, "diffusers": lora_to_diffusers}[to](sd)
+    out = dict(sd) if to == "ours" else {}
+    for m in [k.removesuffix(".alpha") for k in sd if k.endswith(".alpha")]:
+        a, b, alpha = sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"], sd[f"{m}.alpha"]
+        if to == "kohya":
+            name = "lora_unet_" + m.replace(".", "_")
+            out.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.alpha": alpha})
+        elif to == "diffusers":
+            [(dif, split, _)] = bfl_to_diffusers_plan([m + ".weight"], a.shape[1], src_path)
+            for d, bj in zip(dif, split([_fold(b, float(alpha) / a.shape[0])])):
+                out.update({f"transformer.{d[:-7]}.lora_A.weight": a, f"transformer.{d[:-7]}.lora_B.weight": bj})
     write_dict(out_path, {k: v.contiguous() for k, v in out.items()}, {"format": "flux-lora" if to == "ours" else "pt"})
     return fmt
 
@@ -527,26 +440,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a .safetensors file or a diffusers folder (model folder or pipeline root)")
     p.add_argument("out", nargs="?", help="output .safetensors file (or folder with --to diffusers)")
-    p.add_argument("--to", choices=["ours", "diffusers", "kohya"], default="ours",
-                   help="target layout (kohya: LoRA only; default: ours = BFL names)")
+    p.add_argument("--to", choices=["ours", "diffusers", "kohya"], default="ours", help="target (kohya: LoRA only)")
     p.add_argument("--lora", action="store_true", help="the source is a LoRA (ours, diffusers/PEFT or kohya)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     p.add_argument("--info", action="store_true", help="only print the detected format and config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    fmt, src, hint = open_checkpoint(args.src)
+    fmt, src, _ = open_checkpoint(args.src)
     print(f"{args.src}: detected {fmt} ({len(src)} tensors)")
     if args.info and fmt.startswith("lora"):
-        sd, _ = load_lora(args.src)
-        ranks = sorted({v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")})
-        print(f"{len(sd) // 3} LoRA'd linears, ranks {ranks}")
+        ranks = [v.shape[0] for k, v in load_lora(args.src)[0].items() if k.endswith(".lora_A.weight")]
+        print(f"{len(ranks)} LoRA'd linears, ranks {sorted(set(ranks))}")
     elif args.info:
-        print(checkpoint_plan(fmt, src, hint, args.src)[1])
+        print(checkpoint_plan(args.src)[3])
     elif args.out is None:
         p.error("OUT is required unless --info")
     elif args.lora or fmt.startswith("lora"):
-        convert_lora(args.src, args.out, args.to)
-        print(f"wrote {args.out}")
+        print(f"{convert_lora(args.src, args.out, args.to)} -> {args.to}: wrote {args.out}")
     elif args.to == "kohya":
         p.error("--to kohya is for LoRAs only")
     else:

@@ -320,6 +320,31 @@ def test_lora_kohya_round_trip(lora_setup):
     assert all(torch.equal(back[n], ours[n]) for n in ours)
 
 
+def test_lora_alpha_and_bad_files(tmp_path):
+    """alpha defaults to the rank; a diffusers file's own alphas are folded into B when parts are re-fused (with or
+    without the 'transformer.' prefix); a LoRA without its lora_B names the module and the file."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g)
+    path = str(tmp_path / "no_alpha.safetensors")
+    convert_weights.write_dict(path, {"double_blocks.0.img_attn.qkv.lora_A.weight": a,
+                                      "double_blocks.0.img_attn.qkv.lora_B.weight": b})
+    sd, fmt = convert_weights.load_lora(path)
+    assert fmt == "lora-ours" and float(sd["double_blocks.0.img_attn.qkv.alpha"]) == 2.0
+    parts = {}
+    for x, bx, prefix in zip("qkv", b.chunk(3), ("transformer.", "", "transformer.")):
+        d = f"{prefix}transformer_blocks.0.attn.to_{x}"
+        parts.update({f"{d}.lora_A.weight": a, f"{d}.lora_B.weight": bx, f"{d}.alpha": torch.tensor(4.0)})
+    convert_weights.write_dict(str(tmp_path / "dif.safetensors"), parts)
+    sd, fmt = convert_weights.load_lora(str(tmp_path / "dif.safetensors"))
+    assert fmt == "lora-diffusers" and float(sd["double_blocks.0.img_attn.qkv.alpha"]) == 2.0
+    assert torch.allclose(sd["double_blocks.0.img_attn.qkv.lora_B.weight"], 2 * b)  # alpha/r = 4/2 folded in
+    del parts["transformer_blocks.0.attn.to_k.lora_B.weight"]
+    convert_weights.write_dict(str(tmp_path / "bad.safetensors"), parts)
+    with pytest.raises(convert_weights.ConvertError, match="transformer_blocks.0.attn.to_k.*lora_B") as e:
+        convert_weights.load_lora(str(tmp_path / "bad.safetensors"))
+    assert str(tmp_path / "bad.safetensors") in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Streaming: the converting process never holds the checkpoint in its own (anonymous) memory. The source is
 # memory-mapped, so its pages count in VmRSS/VmHWM as file or shmem pages (the page cache, which the kernel can drop);

@@ -1,12 +1,10 @@
-"""
-The testbed's ablation tables and curves, from the runs of ablations.sh: few-shot vs full-data distillation,
+"""The testbed's ablation tables and curves, from the runs of ablations.sh: few-shot vs full-data distillation,
 progressive distillation at equal compute, SCFM during pretraining, and the EMA strategies as quality-vs-step curves.
 
     bash ablations.sh all        # trains everything, then runs: python ablations.py --out docs/ablations
 
 Every model is scored by eval_digits.score on the same noise and prompts (--eval_seeds seed sets of 20 samples per
-digit): per training seed the mean over the eval seed sets, then the mean ± std of that over --seeds_train.
-"""
+digit): per training seed the mean over the eval seed sets, then the mean ± std of that over --seeds_train."""
 import argparse
 import glob
 import os
@@ -16,13 +14,11 @@ from PIL import Image, ImageDraw
 
 from eval_digits import fmt, int_list, load_model, md_table, mean_std, score, testbed, write_report
 
-def mean_score(bed, net, steps, refs):
-    """fid, acc (%) and rmse to refs (samples per eval seed set), each the mean over the eval seed sets."""
+def mean_score(bed, net, steps, refs):  # fid, acc (%) and rmse to refs, each the mean over the eval seed sets
     scores = [{**r, 'acc': 100 * r['acc']} for r in score(bed, net, steps, refs)[1]]
     return {m: float(np.mean([r[m] for r in scores])) for m in ('fid', 'acc', 'rmse')}
 
-def line_plot(path, panels, width=520, height=360):
-    """panels: [(title, {label: (xs, ys)})] -> one PNG, panels side by side; PIL only (no plotting dependency)."""
+def line_plot(path, panels, width=520, height=360):  # panels [(title, {label: (xs, ys)})] side by side; PIL only
     colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b']
     img = Image.new('RGB', (width * len(panels), height), 'white')
     draw, top, bottom = ImageDraw.Draw(img), 30, height - 40
@@ -68,9 +64,8 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
     md += md_table(['strategy'] + [f'step {st}' for st in shown],
                    [[n] + [fmt(c[st]['fid'], 1) for st in shown] for n, c in summary.items()])
     md += ['', f'At step {last} (FID, and the paired RMSE of the 3-step sample to the teacher\'s 32-step one):', '']
-    md += md_table(['strategy', 'FID ↓', 'RMSE to teacher-32 ↓', 'best FID (step)'],
-                   [[n, fmt(c[last]['fid']), fmt(c[last]['rmse'], 4), f'{c[best[n]]["fid"][0]:.2f} ({best[n]})']
-                    for n, c in summary.items()])
+    md += md_table(['strategy', 'FID ↓', 'RMSE to teacher-32 ↓', 'best FID (step)'], [[n, fmt(c[last]['fid']),
+                   fmt(c[last]['rmse'], 4), f'{c[best[n]]["fid"][0]:.2f} ({best[n]})'] for n, c in summary.items()])
     return md + ['', f'![{title}]({name}_curves.png)', '']
 
 def main(argv=None):
@@ -102,17 +97,15 @@ def main(argv=None):
         ('pretrain', '### SCFM during pretraining\n\nBoth from scratch, equal compute (1030 x 224 = 1200 x 192 '
          'sample-passes); the EMA weights are scored. Self slice: 25% of each batch, fast/slow EMA targets on '
          '2/4/8/16-step windows.', pretrain['scfm'],
-         [('plain FM (1200 steps)', pretrain['fm'], (1, 2, 3, 4, 8, 32)),
-          ('FM + SCFM self slice (1030 steps)', pretrain['scfm'], (1, 2, 3, 4, 8, 32)),
-          ('500 FM steps, then FM + SCFM self slice (1100 steps)', pretrain['scfm-warm'], (1, 2, 3, 4, 8, 32))])]
+         [(name, pretrain[k], (1, 2, 3, 4, 8, 32)) for k, name in zip(pretrain, ['plain FM (1200 steps)',
+          'FM + SCFM self slice (1030 steps)', '500 FM steps, then FM + SCFM self slice (1100 steps)'])])]
     for key, title, needs, groups in [section for section in sections if have(section[2])]:
         results[key] = []
         for name, runs, steps in groups:  # one model per training seed
             models = [teacher] if runs is None else [load_model(runs.format(s=s), args.teacher) for s in have(runs)]
             # pretraining has no teacher to compare with: RMSE to each model's own 32-step samples
-            refs = [score(bed, m, 32)[0] if key == 'pretrain' else bed['ref'] for m in models]
-            results[key] += [(name, n, mean_std([mean_score(bed, m, n, r) for m, r in zip(models, refs)]))
-                             for n in steps if models]
+            pairs = [(m, score(bed, m, 32)[0] if key == 'pretrain' else bed['ref']) for m in models]
+            results[key] += [(name, n, mean_std([mean_score(bed, m, n, r) for m, r in pairs])) for n in steps if pairs]
         rmse = 'RMSE to own 32-step' if key == 'pretrain' else 'RMSE to teacher-32'
         md += [title, ''] + md_table(['model', 'steps', 'FID ↓', 'acc % ↑', f'{rmse} ↓'], [
             [name, n, fmt(r['fid']), fmt(r['acc'], 1), fmt(r['rmse'], 4)] for name, n, r in results[key]]) + ['']

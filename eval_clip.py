@@ -94,8 +94,8 @@ def read_image_folder(folder):
     from PIL import Image
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'reference image folder {folder!r} does not exist')
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg',
-                                                                                                '.webp')))
+    exts = ('.png', '.jpg', '.jpeg', '.webp')
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts))
     if not files:
         raise ValueError(f'{folder}: no images')
     out = []

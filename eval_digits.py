@@ -1,12 +1,10 @@
-"""
-The CPU digits testbed's quality table: teacher vs few-step student, one command.
+"""The CPU digits testbed's quality table: teacher vs few-step student, one command.
 
     python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors --student out/digits_scfm/model.safetensors
 
 Every row samples the same noise and prompts ("a handwritten digit {c}"): FID against the test images in the feature
 space of a small digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the prompted
-digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over --seeds.
-"""
+digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over --seeds."""
 import argparse
 import glob
 import json
@@ -24,8 +22,7 @@ from convert_weights import load_transformer
 from eval_clip import fid, inception_features
 from sample import generate, make_grid, to_pil
 
-def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):
-    """A full model, or a LoRA file (train.py's export with lora_rank > 0) merged into the teacher at lora_scale."""
+def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):  # a full model, or a LoRA merged into the teacher
     if os.path.isfile(path) and any('.lora_' in k for k in safe_open(path, 'pt').keys()):  # a file: not diffusers
         return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
     return load_transformer(path, device)
@@ -37,8 +34,7 @@ def load_split(data_dir, split):
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 @torch.no_grad()
-def classify(clf, x):
-    """-> (features (N, 64) numpy float64: the activations before the last layer, predicted labels (N,) tensor)"""
+def classify(clf, x):  # -> (the (N, 64) activations before the last layer as float64 numpy, predicted labels (N,))
     feats = clf[:-1](x)
     return feats.double().numpy(), clf[-1](feats).argmax(-1)
 
@@ -48,30 +44,27 @@ def get_classifier(path, train, test, epochs=15, batch_size=64, lr=2e-3, seed=0)
     clf = nn.Sequential(nn.Conv2d(train['x0'].shape[1], 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1),
                         nn.SiLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4),
                         nn.Flatten(), nn.Linear(64 * 16, 64), nn.SiLU(), nn.Linear(64, 10))  # SiLU: no dead features
-    settings = {'image_shape': list(train['x0'].shape[1:]), 'n_train': len(train['x0']), 'epochs': epochs,
-                'seed': seed, 'net': repr(clf)}
+    x, labels, g = train['x0'], train['label'], torch.Generator().manual_seed(seed)
+    settings = {'image_shape': list(x.shape[1:]), 'n_train': len(x), 'epochs': epochs, 'seed': seed, 'net': repr(clf)}
     meta = (safe_open(path, 'pt').metadata() or {}) if os.path.exists(path) else {}
     if json.loads(meta.get('settings', '{}')) == settings:
         clf.load_state_dict(load_file(path))
         return clf.eval().requires_grad_(False), float(meta['test_acc'])
-    x, labels, g = train['x0'], train['label'], torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(x) // batch_size))
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()  # +-1 pixel rolls (the border is background)
-            nn.functional.cross_entropy(clf(torch.roll(x[idx], (dy, dx), (2, 3))), labels[idx]).backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+    for idx in (batch for _ in range(epochs) for batch in torch.randperm(len(x), generator=g).split(batch_size)):
+        dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()  # +-1 pixel rolls (the border is background)
+        nn.functional.cross_entropy(clf(torch.roll(x[idx], (dy, dx), (2, 3))), labels[idx]).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
     acc = (classify(clf.eval().requires_grad_(False), test['x0'])[1] == test['label']).float().mean().item()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(clf.state_dict(), path, metadata={'settings': json.dumps(settings), 'test_acc': str(acc)})
     print(f'trained the digit classifier: test accuracy {100 * acc:.2f}% (cached to {path})')
     return clf, acc
 
-def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
-    """Data, classifier, test features and noise per seed set: every model is scored on the same noise and prompts."""
+def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):  # noise, prompts shared by all models
     train, test = load_split(data_dir, 'train'), load_split(data_dir, 'test')
     clf, clf_acc = get_classifier(classifier or os.path.join(data_dir, 'classifier.safetensors'), train, test, epochs)
     prompts = load_file(os.path.join(data_dir, 'prompts.safetensors'))
@@ -80,13 +73,11 @@ def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15):
     return dict(train=train, test=test, clf=clf, clf_acc=clf_acc, test_feats=classify(clf, test['x0'])[0],
                 labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels], noise=noise)
 
-def measure(bed, x, labels):
-    """Images (N, C, H, W) in [-1, 1] and the digits they should show -> {fid, acc}."""
+def measure(bed, x, labels):  # images (N, C, H, W) in [-1, 1] and the digits they should show -> {fid, acc}
     feats, pred = classify(bed['clf'], x)
     return {'fid': fid(feats, bed['test_feats']), 'acc': (pred == labels).float().mean().item()}
 
-def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
-    """Sample net in `steps` Euler steps on each seed set -> (samples, {fid, acc, rmse to refs, time}) per seed set."""
+def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):  # -> (samples, scores) per seed set
     samples, scores, txt, y = [], [], bed['txt'], bed['y']
     for k, noise in enumerate(bed['noise']):
         t0 = time.time()
@@ -98,8 +89,7 @@ def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):
         samples.append(x)
     return samples, scores
 
-def mean_std(scores):
-    """[{metric: value}, one per seed] -> {metric: (mean, std with ddof=1)}, over the seeds that have the metric."""
+def mean_std(scores):  # [{metric: value}] per seed -> {metric: (mean, std with ddof=1)} over the seeds that have it
     values = {m: np.asarray([r[m] for r in scores if m in r], np.float64) for m in scores[0]}
     return {m: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) for m, v in values.items()}
 
@@ -113,10 +103,9 @@ def md_table(header, rows):
 def write_report(out, name, lines, results):
     print('\n' + '\n'.join(lines) + '\n')
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=1)
+    for file, text in [(name, '\n'.join(lines) + '\n'), ('results.json', json.dumps(results, indent=1))]:
+        with open(os.path.join(out, file), 'w') as f:
+            f.write(text)
 
 def int_list(s):
     return [int(v) for v in s.split(',') if v]
@@ -146,7 +135,7 @@ def main(argv=None):
     print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
     student_steps = args.student_steps if args.student else []
     samplers = [('teacher', s) for s in args.teacher_steps] + [('student', s) for s in student_steps]
-    train, real, n = bed['train'], ('real (train)', '–'), len(bed['labels'])
+    train, real, n, n_test = bed['train'], ('real (train)', '–'), len(bed['labels']), len(bed['test']['x0'])
     # the rows in table order: first the floor, as many real train images as samples (a fixed subset per seed)
     picks = [torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
              for seed in args.seeds]
@@ -168,7 +157,6 @@ def main(argv=None):
             per_seed[key][0]['fid_inception'] = fid(inception_features(x, args.device), test_inception)
     rows = [{'sampler': name, 'steps': steps, **mean_std(rs),
              'per_seed': {m: [r[m] for r in rs if m in r] for m in rs[0]}} for (name, steps), rs in per_seed.items()]
-    n_test = len(bed['test']['x0'])
     student_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
     lines = [f'digits eval: {args.samples_per_class} samples/class x {len(args.seeds)} seed sets, shift {args.shift}'
              f'{student_shift}, FID vs {n_test} test images in the classifier\'s feature space (classifier test acc '
@@ -177,9 +165,8 @@ def main(argv=None):
         [r['sampler'], r['steps'], fmt(r['fid']), fmt([100 * v for v in r['acc']], 1)]
         + ([f'{r["rmse"][0]:.4f}', f'{r["time"][0]:.1f}'] if 'rmse' in r else ['–', '–']) for r in rows])
     if args.inception:
-        named = [(r['sampler'] + ('' if r['steps'] == '–' else f'-{r["steps"]}'), r['fid_inception'][0]) for r in rows]
-        lines += ['', f'Inception FID (2048-d, first seed set only, {len(bed["labels"])} samples vs {n_test} test '
-                  'images): ' + '; '.join(f'{name} {value:.1f}' for name, value in named)]
+        lines += ['', f'Inception FID (2048-d, first seed set only, {n} samples vs {n_test} test images): ' + '; '.join(
+            f'{r["sampler"]}-{r["steps"]}'.removesuffix('-–') + f' {r["fid_inception"][0]:.1f}' for r in rows)]
     results = {'settings': {**vars(args), 'reference': ref, 'n_test': n_test, 'threads': torch.get_num_threads()},
                'classifier_test_acc': bed['clf_acc'], 'rows': rows}
     write_report(args.out, 'table.md', lines, results)

@@ -1,58 +1,54 @@
-"""Speed as ratios against a reference run alongside, printed as markdown tables. Needs the dev requirements
-(diffusers; peft for `step`). All arguments are positional and optional:
+"""Speed as ratios against a reference run alongside, as markdown tables (needs diffusers; peft for `step`). Arguments
+are positional and optional; GPU ones use random FLUX.1-dev-size weights (`gpu small cpu 64 3 0`, `gpu-model tiny cpu`):
 
     python bench.py model [dtypes] [forward rounds] [forward+backward rounds]  # float32,bfloat16 120 48
     python bench.py step [rounds]          # one SCFM optimizer step: train.py vs the official code's construction
     python bench.py sample [steps] [size]  # a 3-step sample: text encoding / transformer / decode, vs diffusers
     python bench.py gpu [preset] [device] [size] [steps] [compile]        # 3-step 1024x1024 latency, bf16
-    python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width
+    python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width, 1024+512 tokens
     python bench.py gpu-train [preset] [device] [batch] [grad_accum] [iters] [train.py args]  # step time, MFU
-
-GPU ones: random weights of FLUX.1-dev's sizes; `gpu small cpu 64 3 0`, `gpu-model tiny cpu` check them on a CPU.
 """
-import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time
+import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time, unittest.mock
 from statistics import median
 
 import torch
 from safetensors.torch import save_file
 
-import model
-import sample
-import scfm
+import model, sample, scfm
 
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count())
 CFG = model.PRESETS['small']  # hidden 512, 4 double + 8 single blocks
 STEP_BATCH, STEP_RANK, STEP_ITERS = 4, 16, 6  # the step bench: 256 image tokens (32x32 latents) + 64 text tokens
 
-def time_pair(run_a, run_b, warmup=1, rounds=4, device='cpu'):
-    """Median times of two functions and the median of their per-round ratios. They alternate (a load change hits
-    both alike) in an order swapped every round (the second of two runs can be faster); the median ratio ignores the
-    rounds a load spike hits."""
-    times = {run_a: [], run_b: []}
-    for i in range(warmup + rounds):
-        for run in (run_a, run_b) if i % 2 == 0 else (run_b, run_a):
-            times[run].append(seconds(run, device))
-    a, b = times[run_a][warmup:], times[run_b][warmup:]
-    return median(a), median(b), median([x / y for x, y in zip(a, b)])
-
-def seconds(run, device='cpu'):
+def seconds(run):
     t0 = time.perf_counter()
     run()
-    if device.startswith('cuda'):
+    if torch.cuda.is_initialized():  # wait for the queued kernels
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
-def device_name(device):
-    return torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'
+def time_pair(run_a, run_b, warmup=1, rounds=4, measure=seconds):
+    """Median times of two runs and their per-round ratios. They alternate in an order swapped every round (the second
+    of two runs can be faster); the median of the ratios ignores the rounds a load spike hits."""
+    times = {run_a: [], run_b: []}
+    for i in range(warmup + rounds):
+        for run in (run_a, run_b) if i % 2 == 0 else (run_b, run_a):
+            times[run].append(measure(run))
+    a, b = times[run_a][warmup:], times[run_b][warmup:]
+    return median(a), median(b), [x / y for x, y in zip(a, b)]
+
+def table(caption, header, rows, device='cpu'):
+    """Print the caption, the machine and a markdown table (header: the column names joined by ' | ')."""
+    machine = torch.cuda.get_device_name() if device.startswith('cuda') else f'{torch.get_num_threads()} CPU threads'
+    print(f'{caption}; {machine}\n\n| {header} |\n|{"---|" * (header.count("|") + 1)}',
+          *(f'| {" | ".join(cells)} |' for cells in rows), sep='\n', flush=True)
 
 def random_model(cfg=CFG, device='cpu', dtype=torch.float32):
     with torch.device('meta'):
-        net = model.Flux(cfg)
-    net = net.to(dtype).to_empty(device=device)
-    with torch.no_grad():  # no zero-initialised layers: zero outputs and gradients would flatter the matmuls
-        for p in net.parameters():
-            p.normal_(0, 0.02)
+        net = model.Flux(cfg).to(dtype)
+    for p in net.to_empty(device=device).parameters():  # no zero layers: zero outputs would flatter the matmuls
+        torch.nn.init.normal_(p, 0, 0.02)
     return net
 
 def diffusers_twin(net, cfg, diffusers_class='FluxTransformer2DModel'):
@@ -75,11 +71,8 @@ def fused_forward(net, *args):
     def linear(self, x, split=None):
         out = torch.nn.functional.linear(x, self.weight, self.bias)
         return out if split is None else out.split(split, -1)
-    split_forward, model.Linear.forward = model.Linear.forward, linear
-    try:
+    with unittest.mock.patch.object(model.Linear, 'forward', linear):
         return net(*args)
-    finally:
-        model.Linear.forward = split_forward
 
 def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=48, cfg=CFG, device='cpu', batch=2,
                 latent=32, text_tokens=64, warmup=1):
@@ -87,14 +80,13 @@ def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=4
     strays from 1 by noise alone) and ours with fused matmuls. ~100 rounds settle a median ratio to ~1%."""
     ours, rows, tokens = random_model(cfg, device), [], (latent // 2) ** 2
     ref, twin = diffusers_twin(ours, cfg).to(device), copy.deepcopy(ours)
-    ids = model.make_img_ids(latent, latent, device=device), model.make_txt_ids(text_tokens, device=device)
     for name in dtypes.split(','):
         dtype = getattr(torch, name)
         ours.to(dtype), ref.to(dtype), twin.to(dtype)
-        img, txt, y, t = (torch.randn(*shape, dtype=dtype, device=device) for shape in
-                          ((batch, tokens, cfg.in_channels), (batch, text_tokens, cfg.context_in_dim),
-                           (batch, cfg.vec_in_dim), (batch,)))
-        args = (img, ids[0], txt, ids[1], t.sigmoid(), y, torch.full_like(t, 3.5))
+        img, txt, y, t = (torch.randn(batch, *shape, dtype=dtype, device=device) for shape in
+                          ((tokens, cfg.in_channels), (text_tokens, cfg.context_in_dim), (cfg.vec_in_dim,), ()))
+        args = (img, model.make_img_ids(latent, latent, device=device), txt,
+                model.make_txt_ids(text_tokens, device=device), t.sigmoid(), y, torch.full_like(t, 3.5))
         others = {'diffusers': lambda: as_ours(ref)(*args), 'a copy of ours (noise)': lambda: twin(*args),
                   'ours with fused matmuls (split vs fused)': lambda: fused_forward(ours, *args)}
         with torch.no_grad():  # rel. error: |ours - other| / |ours|
@@ -103,17 +95,14 @@ def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=4
         for what, n in (('forward', forward_rounds), ('forward+backward', backward_rounds)):
             timed = lambda run: run if what == 'forward' else lambda: run().float().square().mean().backward()
             with torch.set_grad_enabled(what != 'forward'):
-                rows += [(name, what, other, *time_pair(timed(lambda: ours(*args)), timed(run), warmup, int(n),
-                                                        device), errors[other]) for other, run in others.items()]
-    print(f'Flux hidden {cfg.hidden_size}, {cfg.depth}+{cfg.depth_single_blocks} blocks, {tokens}+{text_tokens} '
-          f'tokens, batch {batch}, {device_name(device)}; {forward_rounds} forward, {backward_rounds} forward+backward '
-          f'rounds in swapped order; medians; the ratio is the median of per-round ratios\n\n| dtype | pass | ours vs '
-          f'| ours (ms) | other (ms) | ratio ours/other | rel. error |\n|---|---|---|---|---|---|---|')
-    for name, what, other, a, b, ratio, err in rows:
-        print(f'| {name} | {what} | {other} | {a * 1e3:.2f} | {b * 1e3:.2f} | {ratio:.3f} | {err:.1e} |')
+                rows += [(name, what, other, *time_pair(timed(lambda: ours(*args)), timed(run), warmup, int(n)),
+                          errors[other]) for other, run in others.items()]
+    table(f'Flux hidden {cfg.hidden_size}, {cfg.depth}+{cfg.depth_single_blocks} blocks, {tokens}+{text_tokens} '
+          f'tokens, batch {batch}; medians of {forward_rounds} forward, {backward_rounds} forward+backward rounds',
+          'dtype | pass | ours vs | ours (ms) | other (ms) | ratio ours/other | rel. error', [(*names, f'{a * 1e3:.2f}',
+          f'{b * 1e3:.2f}', f'{median(ratios):.3f}', f'{error:.1e}') for *names, a, b, ratios, error in rows], device)
 
 def bench_gpu_model(preset='flux-dev', device='cuda', depth=1, single=2, batch=2):
-    """`model` at FLUX.1-dev width with a few blocks, 1024 image tokens (512 px) and 512 T5 tokens."""
     cfg = dataclasses.replace(model.PRESETS[preset], depth=int(depth), depth_single_blocks=int(single))
     bench_model('float32,bfloat16', 50, 25, cfg, device, int(batch), latent=64, text_tokens=512, warmup=3)
 
@@ -142,8 +131,7 @@ def run_train(cfg, device, batch, latent, text_tokens, *args, echo=False):
                            '--ckpt_interval=100000'], echo)
 
 def reference_step():
-    """SCFM steps built as the official code builds them: diffusers + a peft LoRA overwritten in place for each target
-    pass (zeros for the teacher, the fast or the slow EMA)."""
+    """SCFM steps built as the official code builds them: diffusers + a peft LoRA overwritten in place per pass."""
     from peft import LoraConfig
     ref = diffusers_twin(random_model(), CFG).requires_grad_(False)
     ref.add_adapter(LoraConfig(r=STEP_RANK, lora_alpha=STEP_RANK, target_modules=[
@@ -160,8 +148,8 @@ def reference_step():
             torch._foreach_copy_(lora, weights[which])
         return model.unpack(as_ours(ref)(model.pack(x), img_ids, txt, txt_ids, t, y, guidance), 32, 32)
 
-    def step():
-        p = scfm.plan(g, batch_size=STEP_BATCH, img_tokens=256)
+    for i in range(STEP_ITERS):
+        t0, p = time.perf_counter(), scfm.plan(g, batch_size=STEP_BATCH, img_tokens=256)
         weights['student'] = [q.detach().clone() for q in lora]
         x_t, target = scfm.target(velocity, x0, torch.randn(x0.shape, generator=g), p['role'], p['t'], p['d0'],
                                   p['d1'], near={scfm.TEACHER: 'teacher', scfm.SELF: 'fast'},
@@ -174,33 +162,25 @@ def reference_step():
         with torch.no_grad():
             torch._foreach_lerp_(weights['fast'], lora, 0.01)
             torch._foreach_lerp_(weights['slow'], lora, 0.001)
-
-    for i in range(STEP_ITERS):
-        print(f'step {i + 1}: step_time {seconds(step):.6g}', flush=True)
+        print(f'step {i + 1}: step_time {time.perf_counter() - t0:.6g}', flush=True)
 
 def bench_step(rounds=5):
     """train.py (FSDP2, 1 process, LoRA on every linear) against reference_step, fresh processes in swapped order."""
-    times, rss, rounds = {'ours': [], 'reference': []}, {}, int(rounds)
-    run = {'ours': lambda: run_train(CFG, 'cpu', 16, 32, 64, '--model=small', f'--lora_rank={STEP_RANK}', '--lr=1e-4',
-                                     f'--batch_size={STEP_BATCH}', f'--max_iters={STEP_ITERS}', '--dtype=float32'),
-           'reference': lambda: run_logged([sys.executable, __file__, 'step-reference'])}
-    for i in range(rounds):
-        for who in ('ours', 'reference') if i % 2 == 0 else ('reference', 'ours'):
-            steps, rss[who] = run[who]()
-            times[who].append(median(s['step_time'] for s in steps[2:]))  # after 2 warm-up steps
-    ratios = [a / b for a, b in zip(times['ours'], times['reference'])]
-    print(f'SCFM step, Flux hidden 512, 4+8 blocks, batch {STEP_BATCH}, 256+64 tokens, LoRA rank {STEP_RANK}, float32, '
-          f'{device_name("cpu")}; {rounds} rounds of {STEP_ITERS} steps in swapped order; medians over rounds of the '
-          f'median step time after 2 warm-up steps; the ratio is the median of per-round ratios '
-          f'({", ".join(f"{r:.2f}" for r in ratios)})\n\n| | ours (train.py) | reference (diffusers + peft, swapped) | '
-          f'ratio |\n|---|---|---|---|')
-    print(f'| step time (s) | {median(times["ours"]):.3f} | {median(times["reference"]):.3f} | {median(ratios):.2f} |')
-    print(f'| peak RSS of the process (MB, last round) | {rss["ours"]:.0f} | {rss["reference"]:.0f} | '
-          f'{rss["ours"] / rss["reference"]:.2f} |')
+    rss = {}
+    def step_time(who):  # of one fresh process: the median after 2 warm-up steps; keeps its peak RSS
+        steps, rss[who] = run_logged([sys.executable, __file__, 'step-reference']) if who == 'reference' else run_train(
+            CFG, 'cpu', 16, 32, 64, '--model=small', f'--lora_rank={STEP_RANK}', '--lr=1e-4',
+            f'--batch_size={STEP_BATCH}', f'--max_iters={STEP_ITERS}', '--dtype=float32')
+        return median(s['step_time'] for s in steps[2:])
+    ours, ref, ratios = time_pair('ours', 'reference', 0, int(rounds), step_time)
+    table(f'SCFM step, Flux hidden 512, 4+8 blocks, batch {STEP_BATCH}, 256+64 tokens, LoRA rank {STEP_RANK}, float32; '
+          f'medians of {rounds} rounds of {STEP_ITERS} steps (2 warm-up); per-round ratios '
+          f'{", ".join(f"{r:.2f}" for r in ratios)}', '| ours (train.py) | reference (diffusers + peft) | ratio',
+          [('step time (s)', f'{ours:.3f}', f'{ref:.3f}', f'{median(ratios):.2f}'), ('peak RSS (MB, last round)',
+           f'{rss["ours"]:.0f}', f'{rss["reference"]:.0f}', f'{rss["ours"] / rss["reference"]:.2f}')])
 
 def bench_sample(steps=3, size=256):
-    """Random T5 (512 tokens) and CLIP (both pipelines call the same transformers models), the mid-size transformer
-    (sample.generate vs diffusers) and the tiny Flux AE (vs AutoencoderKL)."""
+    """Random T5 and CLIP (the same transformers models in both pipelines), our transformer and AE vs diffusers'."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     steps, size, h = int(steps), int(size), int(size) // 8
     t5 = T5EncoderModel(T5Config(d_model=CFG.context_in_dim, d_ff=1024, d_kv=32, num_heads=8, num_layers=4)).eval()
@@ -208,11 +188,10 @@ def bench_sample(steps=3, size=256):
                                         num_attention_heads=4)).eval()
     net, ae = random_model().eval(), model.AutoEncoder(model.AE_PRESETS['tiny']).eval()
     ref, vae = diffusers_twin(net, CFG), diffusers_twin(ae, ae.cfg, 'AutoencoderKL')
-    ids_t5, ids_clip = torch.randint(0, 32128, (1, 512)), torch.randint(0, 49408, (1, 77))
-    noise = torch.randn(1, 16, h, h)
-    encode = lambda: (t5(ids_t5).last_hidden_state, clip(ids_clip).pooler_output)
+    tokens_t5, tokens_clip = torch.randint(0, 32128, (1, 512)), torch.randint(0, 49408, (1, 77))
+    encode = lambda: (t5(tokens_t5).last_hidden_state, clip(tokens_clip).pooler_output)
     torch.set_grad_enabled(False)
-    (txt, y), ids = encode(), (model.make_img_ids(h, h), model.make_txt_ids(512))
+    (txt, y), ids, noise = encode(), (model.make_img_ids(h, h), model.make_txt_ids(512)), torch.randn(1, 16, h, h)
     ref_transformer = lambda: model.unpack(sample.denoise(as_ours(ref), model.pack(noise), ids[0], txt, ids[1], y,
                                                           scfm.get_schedule(steps, shift=3.0), 3.5), h, h)
     ours_transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
@@ -221,39 +200,35 @@ def bench_sample(steps=3, size=256):
     t_tr, r_tr, _ = time_pair(ours_transformer, ref_transformer)
     t_dec, r_dec, _ = time_pair(lambda: ae.decode(z), lambda: vae.decode(z / vae.config.scaling_factor
                                                                       + vae.config.shift_factor).sample)
-    rows = [('text encoding (transformers T5 + CLIP, shared)', t_enc, t_enc), (f'transformer ({steps} steps)', t_tr,
-            r_tr), ('AE decode', t_dec, r_dec), ('total', t_enc + t_tr + t_dec, t_enc + r_tr + r_dec)]
-    print(f'{steps}-step sample at {size}x{size} px, batch 1: T5 (d 256, 4 layers) + CLIP (d 128, 4 layers), Flux '
-          f'hidden 512 4+8 blocks, tiny Flux AE; {device_name("cpu")}; medians, ours and diffusers in swapped order; '
-          f'latent rel. error ours vs diffusers {err:.1e}\n\n| stage | ours (ms) | share of ours | diffusers (ms) | '
-          f'ratio ours/diffusers |\n|---|---|---|---|---|')
-    for name, a, b in rows:
-        print(f'| {name} | {a * 1e3:.1f} | {100 * a / rows[-1][1]:.0f}% | {b * 1e3:.1f} | {a / b:.2f} |')
+    stages = [('text encoding (shared)', t_enc, t_enc), (f'transformer ({steps} steps)', t_tr, r_tr),
+              ('AE decode', t_dec, r_dec), ('total', t_enc + t_tr + t_dec, t_enc + r_tr + r_dec)]
+    table(f'{steps}-step sample, {size}x{size} px, batch 1, T5 and CLIP d 256/128 4 layers, Flux hidden 512 4+8 '
+          f'blocks, tiny Flux AE; medians; latent rel. error ours vs diffusers {err:.1e}',
+          'stage | ours (ms) | share of ours | diffusers (ms) | ratio ours/diffusers', [(name, f'{a * 1e3:.1f}',
+          f'{100 * a / stages[-1][1]:.0f}%', f'{b * 1e3:.1f}', f'{a / b:.2f}') for name, a, b in stages])
 
 def bench_gpu(preset='flux-dev', device='cuda', size=1024, steps=3, compile=1):
-    """Latency at batch 1, 512 T5 tokens, bf16: the transformer eager and compiled, the AE decode eager, with cuDNN
-    autotuning and channels_last; medians of 5 after a warm-up."""
+    """Latency of the transformer (eager, compiled) and the AE decode (eager, cuDNN autotuning, channels_last)."""
     cfg, h, steps = model.PRESETS[preset], int(size) // 8, int(steps)
     net = random_model(cfg, device, torch.bfloat16).eval()  # built on meta: 24 GB, not 48 + 24
     ae = model.AutoEncoder(model.AE_PRESETS['flux' if preset.startswith('flux') else 'tiny']).to(device, torch.bfloat16)
     torch.set_grad_enabled(False)
     txt, y = torch.randn(1, 512, cfg.context_in_dim, device=device), torch.randn(1, cfg.vec_in_dim, device=device)
     noise = torch.randn(1, cfg.in_channels // 4, h, h, device=device)
-    timed = lambda run: median([seconds(run, device) for _ in range(6)][1:])
+    timed = lambda run: f'{median([seconds(run) for _ in range(6)][1:]):.3f}'
     transformer = lambda: sample.generate(net, None, txt, y, noise, steps, 3.0)
     z = transformer().to(torch.bfloat16)
-    n_params = sum(p.numel() for p in net.parameters())
-    print(f'{preset} transformer ({n_params / 1e9:.2f}B params) + AE decode, {size}x{size}, {steps} steps, '
-          f'batch 1, bf16, on {device_name(device)} (medians of 5 after a warm-up)\n\n| stage | variant | time (s) |'
-          f'\n|---|---|---|\n| transformer | eager | {timed(transformer):.3f} |', flush=True)
+    table(f'{preset} ({sum(p.numel() for p in net.parameters()) / 1e9:.2f}B params) + AE decode, {size}x{size}, '
+          f'{steps} steps, batch 1, 512 T5 tokens, bf16; medians of 5 after a warm-up', 'stage | variant | time (s)',
+          [('transformer', 'eager', timed(transformer))], device)
     for variant in ('eager', 'cudnn.benchmark', 'cudnn.benchmark + channels_last'):
         torch.backends.cudnn.benchmark = variant != 'eager'
         if variant.endswith('channels_last'):
             ae, z = ae.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
-        print(f'| decode | {variant} | {timed(lambda: ae.decode(z)):.3f} |', flush=True)
+        print(f'| decode | {variant} | {timed(lambda: ae.decode(z))} |', flush=True)
     if int(compile):
         net.compile_blocks()
-        print(f'| transformer | blocks compiled (sample.py --compile) | {timed(transformer):.3f} |', flush=True)
+        print(f'| transformer | blocks compiled (sample.py --compile) | {timed(transformer)} |', flush=True)
     if device.startswith('cuda'):
         print(f'\npeak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB')
 
@@ -263,12 +238,11 @@ def bench_gpu_train(preset='flux-dev', device='cuda', batch=16, grad_accum=1, it
                          f'--batch_size={batch}', f'--grad_accum={grad_accum}', f'--max_iters={iters}', *train_args,
                          echo=True)
     value = lambda key: median(s[key] for s in steps[2:])  # after 2 warm-up steps
-    print(f'\ntrain.py config/flux3.py, random {preset} weights, LoRA rank 64 on every linear, grad_ckpt, 512 px '
-          f'(1024 + 512 tokens), batch {batch} (grad_accum {grad_accum}) {" ".join(train_args)}, bf16, 1 process on '
-          f'{device_name(device)}; medians of steps 3-{iters}; MFU against 989 TFLOP/s dense bf16\n\n| step time (s) '
-          f'| steps/s | images/s | MFU | peak memory (GB) |\n|---|---|---|---|---|')
-    print(f'| {value("step_time"):.2f} | {1 / value("step_time"):.3f} | {value("img_per_s"):.2f} | '
-          f'{100 * value("mfu"):.1f}% | {max(s.get("peak_mem_gb", float("nan")) for s in steps):.1f} |')
+    table(f'\ntrain.py {" ".join(["config/flux3.py", *train_args])}, random {preset} weights, LoRA rank 64, grad_ckpt, '
+          f'512 px, batch {batch} (grad_accum {grad_accum}), bf16, 1 process; medians of steps 3-{iters}; MFU against '
+          '989 TFLOP/s dense bf16', 'step time (s) | steps/s | images/s | MFU | peak memory (GB)',
+          [(f'{value("step_time"):.2f}', f'{1 / value("step_time"):.3f}', f'{value("img_per_s"):.2f}',
+            f'{100 * value("mfu"):.1f}%', f'{max(s.get("peak_mem_gb", float("nan")) for s in steps):.1f}')], device)
 
 if __name__ == '__main__':
     what = sys.argv[1] if len(sys.argv) > 1 else 'model'

@@ -12,7 +12,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from eval_digits import fmt, int_list, load_model, md_table, mean_std, score, testbed, write_report
+from eval_clip import md_table, write_report
+from eval_digits import fmt, int_list, load_model, mean_std, score, testbed
 
 def mean_score(bed, net, steps, refs):  # fid, acc (%) and rmse to refs, each the mean over the eval seed sets
     scores = [{**r, 'acc': 100 * r['acc']} for r in score(bed, net, steps, refs)[1]]

@@ -120,17 +120,24 @@ def summarize(args, parts, world, device):
             res['fid_teacher'] = fid(gen, np.concatenate([p['feats']['teacher'] for p in parts]))
         if args.fid_ref:
             res['fid_ref'] = fid(gen, inception(read_image_folder(args.fid_ref), device))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump(res, f, indent=2)
-    row = (f"| {res['name']} | {args.steps} | {args.shift} | {args.guidance} | {args.lora_scale if args.lora else '-'} "
-           f"| {res['n']} | {res['clip_score']:.2f} | {res.get('fid_teacher', float('nan')):.2f} | "
-           f"{res.get('fid_ref', float('nan')):.2f} | {res['sample_seconds_per_image']:.2f} |")
-    head = ('| model | steps | shift | guidance | LoRA scale | n | CLIP score | FID vs teacher | FID vs ref | '
-            's/image |\n|---|---|---|---|---|---|---|---|---|---|\n')
-    with open(os.path.join(args.out, 'results.md'), 'w') as f:
-        f.write(head + row + '\n')
-    print(head + row)
+    head = ['model', 'steps', 'shift', 'guidance', 'LoRA scale', 'n', 'CLIP score', 'FID vs teacher', 'FID vs ref',
+            's/image']
+    numbers = [f'{res.get(k, float("nan")):.2f}' for k in ('clip_score', 'fid_teacher', 'fid_ref',
+                                                            'sample_seconds_per_image')]
+    row = [res['name'], args.steps, args.shift, args.guidance, args.lora_scale if args.lora else '-', res['n'], *numbers]
+    write_report(args.out, 'results.md', md_table(head, [row]), res)
+
+def md_table(header, rows):
+    row = lambda cells: '| ' + ' | '.join(map(str, cells)) + ' |'
+    return [row(header), '|' + '---|' * len(header)] + [row(cells) for cells in rows]
+
+def write_report(out, name, lines, results):
+    """The evaluations' outputs: a markdown file (printed too) and results.json."""
+    print('\n' + '\n'.join(lines) + '\n')
+    os.makedirs(out, exist_ok=True)
+    for file, text in [(name, '\n'.join(lines) + '\n'), ('results.json', json.dumps(results, indent=1))]:
+        with open(os.path.join(out, file), 'w') as f:
+            f.write(text)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description='CLIP score / FID of a Flux few-step sampler over a prompt file.')

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from convert_weights import load_transformer
-from eval_clip import fid, inception_features
+from eval_clip import fid, inception_features, md_table, write_report
 from sample import generate, make_grid, to_pil
 
 def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):  # a full model, or a LoRA merged into the teacher
@@ -95,17 +95,6 @@ def mean_std(scores):  # [{metric: value}] per seed -> {metric: (mean, std with 
 
 def fmt(mean_and_std, digits=2):
     return f'{mean_and_std[0]:.{digits}f} ± {mean_and_std[1]:.{digits}f}'
-
-def md_table(header, rows):
-    row = lambda cells: '| ' + ' | '.join(map(str, cells)) + ' |'
-    return [row(header), '|' + '---|' * len(header)] + [row(cells) for cells in rows]
-
-def write_report(out, name, lines, results):
-    print('\n' + '\n'.join(lines) + '\n')
-    os.makedirs(out, exist_ok=True)
-    for file, text in [(name, '\n'.join(lines) + '\n'), ('results.json', json.dumps(results, indent=1))]:
-        with open(os.path.join(out, file), 'w') as f:
-            f.write(text)
 
 def int_list(s):
     return [int(v) for v in s.split(',') if v]

@@ -4,8 +4,7 @@
 #   python train.py config/digits_progressive.py --teacher_steps=32 --init_from=<teacher> --out_dir=.../r32
 data_dir = 'data/digits'
 model = 'digits'
-teacher = 'copy'
-teacher_ratio = 1.0
+teacher, teacher_ratio = 'copy', 1.0
 far_teacher = 'teacher'  # both sub-steps by the (previous round's) teacher
 shift_range = (1.0, 1.0)  # the grid the testbed samples on
 batch_size = 64

@@ -28,12 +28,6 @@ from sample import run_cli
 
 EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
-def make_buckets(resolution, max_ratio=2.0):
-    """(H, W) pairs, multiples of 16, area ~ resolution^2, aspect ratio within [1/max_ratio, max_ratio]."""
-    heights = range(16, int(resolution * math.sqrt(max_ratio)) + 16, 16)
-    sides = {(h, max(16, round(resolution * resolution / h / 16) * 16)) for h in heights}
-    return sorted((h, w) for h, w in sides if 1 / max_ratio <= w / h <= max_ratio)
-
 def load_image(path, bucket=None):
     """-> uint8 (3, H, W): cover-resized (bicubic), then center-cropped to the bucket (H, W); no bucket: (h, w) from
     the header alone. A file PIL cannot read is a ValueError naming it."""
@@ -49,19 +43,6 @@ def load_image(path, bucket=None):
     top, left = (im.height - H) // 2, (im.width - W) // 2
     return torch.from_numpy(np.asarray(im.crop((left, top, left + W, top + H))).copy()).permute(2, 0, 1)
 
-def list_items(folder, captions=None):
-    """-> sorted list of (image path, caption)."""
-    captions = captions or os.path.join(folder, 'captions.jsonl')
-    if os.path.exists(captions):
-        with open(captions, encoding='utf-8') as f:
-            table = {(r := json.loads(line))['file']: r['text'] for line in f if line.strip()}
-    else:  # name.txt next to each image
-        table = {name: Path(folder, os.path.splitext(name)[0] + '.txt').read_text(encoding='utf-8').strip()
-                 for name in sorted(os.listdir(folder)) if name.lower().endswith(EXTS)}
-    if not table:
-        raise ValueError(f'{folder}: no images ({"/".join(EXTS)}) found')
-    return [(os.path.join(folder, name), table[name]) for name in sorted(table)]
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--images', required=True, help='folder of images with captions')
@@ -70,28 +51,35 @@ def main(argv=None):
     ap.add_argument('--max_ratio', type=float, default=2.0, help='most extreme bucket aspect ratio')
     add_common_args(ap)
     args = ap.parse_args(argv)
-    items = list_items(args.images, args.captions)
-    buckets = make_buckets(args.resolution, args.max_ratio)
+    if os.path.exists(captions := args.captions or os.path.join(args.images, 'captions.jsonl')):
+        with open(captions, encoding='utf-8') as f:
+            table = {(r := json.loads(line))['file']: r['text'] for line in f if line.strip()}
+    else:  # name.txt next to each image
+        table = {name: Path(args.images, os.path.splitext(name)[0] + '.txt').read_text(encoding='utf-8').strip()
+                 for name in sorted(os.listdir(args.images)) if name.lower().endswith(EXTS)}
+    if not table:
+        raise ValueError(f'{args.images}: no images ({"/".join(EXTS)}) found')
+    paths, texts = [os.path.join(args.images, name) for name in sorted(table)], [table[name] for name in sorted(table)]
+    # buckets: (H, W) multiples of 16, area ~ resolution^2, aspect ratio within [1/max_ratio, max_ratio]
+    sides = {(h, max(16, round(args.resolution ** 2 / h / 16) * 16))
+             for h in range(16, int(args.resolution * math.sqrt(args.max_ratio)) + 16, 16)}
+    buckets = sorted((h, w) for h, w in sides if 1 / args.max_ratio <= w / h <= args.max_ratio)
     # every header is read up front: an unreadable file fails the run before any other work; ties go to larger buckets
     bucket = [min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), -b[0] * b[1]))
-              for h, w in (load_image(path) for path, _ in items)]
+              for h, w in map(load_image, paths)]
     shard = lambda c, H, W: os.path.join(args.out, f'{H}x{W}', f'train_{c:05d}.safetensors')  # noqa: E731
     done = lambda c: shard(c, *max(bucket[c * args.chunk:(c + 1) * args.chunk]))  # noqa: E731
     meta = {'resolution': args.resolution, 'buckets': buckets, 'images': os.path.abspath(args.images)}
-    pending = pending_chunks(args, meta, [text for _, text in items], done)
-    if not pending:
-        return
-
+    pending = pending_chunks(args, meta, texts, done)
     dtype = getattr(torch, args.dtype)
-    ae = load_ae(args.ae, args.device, dtype)
+    ae = load_ae(args.ae, args.device, dtype) if pending else None
     for c, idx in tqdm(pending.items(), desc=f'encode images (rank {args.rank})', disable=args.quiet):
         emb = load_file(emb_path(args.out, c))
         for H, W in sorted({bucket[i] for i in idx}):
             ks = [k for k, i in enumerate(idx) if bucket[i] == (H, W)]  # positions within the chunk
-            x0 = []
-            for j in range(0, len(ks), args.batch):
-                pix = torch.stack([load_image(items[idx[k]][0], (H, W)) for k in ks[j:j + args.batch]])
-                x0.append(ae.encode(pix.to(args.device, dtype) / 127.5 - 1).float().cpu())
+            pix = (torch.stack([load_image(paths[idx[k]], (H, W)) for k in ks[j:j + args.batch]])
+                   for j in range(0, len(ks), args.batch))
+            x0 = [ae.encode(p.to(args.device, dtype) / 127.5 - 1).float().cpu() for p in pix]
             os.makedirs(os.path.join(args.out, f'{H}x{W}'), exist_ok=True)
             write_dict(shard(c, H, W), {'x0': torch.cat(x0), 'txt': emb['txt'][ks].to(getattr(torch, args.txt_dtype)),
                                         'y': emb['y'][ks].float(), 'index': torch.tensor([idx[k] for k in ks])},

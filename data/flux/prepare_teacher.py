@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -32,22 +33,17 @@ def pending_chunks(args, meta, texts, output):
     embedded into emb_path(args.out, c). Chunk c is done when output(c) exists (written atomically): a rerun loses and
     repeats nothing. Rank r of torchrun does chunks r, r+world, ... Sets args.rank, args.device; checks meta.json."""
     args.rank, world, n = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), len(texts)
-    if args.device.startswith('cuda') and ':' not in args.device:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per torchrun process
-    meta, path = {**meta, 'chunk': args.chunk, 'n_items': n}, os.path.join(args.out, 'meta.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if diff := {k: (old.get(k), meta[k]) for k in ('chunk', 'n_items') if old.get(k) != meta[k]}:
-            raise ValueError(f'{args.out} was started with other settings {diff} (old, new): resume with the same '
-                             f'chunk size and inputs, or use a new --out')
+    if args.device == 'cuda':  # one GPU per torchrun process
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    meta, path = {**meta, 'chunk': args.chunk, 'n_items': n}, Path(args.out, 'meta.json')
+    old = json.loads(path.read_text()) if path.exists() else meta
+    if diff := {k: (old.get(k), meta[k]) for k in ('chunk', 'n_items') if old.get(k) != meta[k]}:
+        raise ValueError(f'{args.out} was started with other settings {diff} (old, new): resume with the same '
+                         f'chunk size and inputs, or use a new --out')
     os.makedirs(os.path.join(args.out, 'emb_tmp'), exist_ok=True)
-    with open(path + f'.tmp{os.getpid()}', 'w') as f:  # every rank writes it
-        json.dump(meta, f, indent=2)
-    os.replace(path + f'.tmp{os.getpid()}', path)
+    Path(f'{path}.tmp{os.getpid()}').write_text(json.dumps(meta, indent=2))  # every rank writes it, atomically
+    os.replace(f'{path}.tmp{os.getpid()}', path)
     pending = [c for c in range(args.rank, -(-n // args.chunk), world) if not os.path.exists(output(c))]
-    if not pending:
-        print(f'rank {args.rank}: nothing to do, all chunks of {args.out} are done')
     pending = {c: range(c * args.chunk, min((c + 1) * args.chunk, n)) for c in pending[:args.max_chunks or None]}
     todo = [c for c in pending if not os.path.exists(emb_path(args.out, c))]
     enc = load_text_encoders(args.t5, args.clip, args.device, getattr(torch, args.dtype)) if todo else None
@@ -89,24 +85,20 @@ def main(argv=None):
     schedule = get_schedule(args.steps, shift, (H // 16) * (W // 16)).tolist()
     shard = lambda c: os.path.join(args.out, f'train_{c:05d}.safetensors')  # noqa: E731
     pending = pending_chunks(args, {**settings, 'height': H, 'width': W, 'schedule': schedule}, prompts, shard)
-    if not pending:
-        return
-
     dtype = getattr(torch, args.dtype)
-    net, ae = load_transformer(args.ckpt, args.device, dtype), load_ae(args.ae, args.device, dtype)
-    if args.png:
-        os.makedirs(os.path.join(args.out, 'png'), exist_ok=True)
+    if pending:
+        net, ae = load_transformer(args.ckpt, args.device, dtype), load_ae(args.ae, args.device, dtype)
     for c, idx in tqdm(pending.items(), desc=f'teacher (rank {args.rank})', disable=args.quiet):
         emb, x0 = load_file(emb_path(args.out, c)), []
-        for i in range(0, len(idx), args.batch):
-            ids = idx[i:i + args.batch]
-            noise = make_noise([args.seed + j for j in ids], net.config.in_channels // 4, H // 8, W // 8)
-            txt, y = emb['txt'][i:i + args.batch].to(args.device), emb['y'][i:i + args.batch].to(args.device)
+        for b in (slice(i, i + args.batch) for i in range(0, len(idx), args.batch)):
+            noise = make_noise([args.seed + j for j in idx[b]], net.config.in_channels // 4, H // 8, W // 8)
+            txt, y = emb['txt'][b].to(args.device), emb['y'][b].to(args.device)
             img, z = generate(net, ae, txt, y, noise, args.steps, shift, args.guidance, return_latents=True)
             if args.latent == 'reencode':  # through 8-bit pixels and back (to_pil's rounding)
                 z = ae.encode((img * 255).round().to(dtype) / 127.5 - 1)
             if args.png:
-                for j, pil in zip(ids, to_pil(img)):
+                os.makedirs(os.path.join(args.out, 'png'), exist_ok=True)
+                for j, pil in zip(idx[b], to_pil(img)):
                     pil.save(os.path.join(args.out, 'png', f'{j:08d}.png'))
             x0.append(z.float().cpu())
         write_dict(shard(c), {'x0': torch.cat(x0), 'txt': emb['txt'].to(getattr(torch, args.txt_dtype)),

@@ -1,10 +1,7 @@
-"""The testbed's ablation tables and curves, from the runs of ablations.sh: few-shot vs full-data distillation,
-progressive distillation at equal compute, SCFM during pretraining, and the EMA strategies as quality-vs-step curves.
-
-    bash ablations.sh all        # trains everything, then runs: python ablations.py --out docs/ablations
-
-Every model is scored by eval_digits.score on the same noise and prompts (--eval_seeds seed sets of 20 samples per
-digit): per training seed the mean over the eval seed sets, then the mean ± std of that over --seeds_train."""
+"""The testbed's ablation tables and curves from the runs of `bash ablations.sh all` (which then runs this): few-shot
+vs full-data distillation, progressive distillation at equal compute, SCFM during pretraining, the EMA strategies as
+quality-vs-step curves. Every model is scored by eval_digits.score on the same noise and prompts (--eval_seeds seed
+sets of 20 samples per digit): per training seed the mean over eval sets, then mean ± std over --seeds_train."""
 import argparse
 import glob
 import os
@@ -70,7 +67,7 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
     return md + ['', f'![{title}]({name}_curves.png)', '']
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--root', default='out/ablations', help='where ablations.sh put the runs')
     p.add_argument('--teacher', default='out/digits_teacher/model_ema.safetensors')
     p.add_argument('--data_dir', default='data/digits')

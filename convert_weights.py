@@ -6,8 +6,8 @@ Convert FLUX.1 weights between BFL (= our format), diffusers and kohya layouts, 
     python convert_weights.py --lora SRC OUT --to kohya  # LoRA: ours <-> diffusers/PEFT <-> kohya
     python convert_weights.py --info SRC                 # print the detected format and inferred config
 
-Key layouts: docs/method.md section 6. Files are read with the safetensors library (memory-mapped, never a pickle)
-and written one tensor group at a time, so converting a 24 GB checkpoint needs about one tensor of memory.
+Key layouts: docs/method.md section 6. Read with the safetensors library (never a pickle), written one tensor group at
+a time: converting a 24 GB checkpoint needs about one tensor of memory.
 """
 import argparse
 import json

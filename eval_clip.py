@@ -6,12 +6,10 @@ CLIP score (and optionally FID) of a Flux sampler over a prompt file, sharded ov
         --clip_model clip-vit-large-patch14 --out out/eval/flux3 [--fid_teacher | --fid_ref real_images/]
     torchrun --standalone --nproc_per_node=8 eval_clip.py ...
 
-Prompt i is generated on rank i % world with noise seed `seed + i`, so results do not depend on the world size.
-CLIP score (torchmetrics' convention): the mean over images of 100 * max(cos(image_emb, text_emb), 0), CLIPModel's
-projected embeddings. FID: pool3 features of the standard FID Inception (images resized bilinearly to 299 px: close to,
-not identical with clean-fid) against a folder of images (--fid_ref) or against the teacher, the model without its
-LoRA at --teacher_steps on FLUX.1-dev's dynamic shift, same prompts and seeds (--fid_teacher). This file is the one
-home of the Frechet distance and the Inception features. Writes results.json and a one-row results.md.
+Prompt i runs on rank i % world with noise seed `seed + i`: results do not depend on the world size. CLIP score as in
+torchmetrics; FID of the standard Inception's pool3 features against a folder (--fid_ref) or the teacher (LoRA off,
+--teacher_steps, dynamic shift, same seeds: --fid_teacher). Also the one home of the Frechet distance, the Inception
+features and the evaluations' report writer.
 """
 import argparse
 import json

@@ -1,10 +1,7 @@
-"""The CPU digits testbed's quality table: teacher vs few-step student, one command.
-
-    python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors --student out/digits_scfm/model.safetensors
-
-Every row samples the same noise and prompts ("a handwritten digit {c}"): FID against the test images in the feature
-space of a small digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the prompted
-digit, the RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over --seeds."""
+"""The CPU digits testbed's quality table, teacher vs few-step student (run by testbed.sh): every row samples the
+same noise and prompts ("a handwritten digit {c}"): FID against the test images in the feature space of a small
+digit classifier (trained once, cached; "real (train)" is the floor), how often it reads the prompted digit, the
+RMSE to the teacher's most-step sample from the same noise, and the wall time; mean ± std over --seeds."""
 import argparse
 import glob
 import json
@@ -100,7 +97,7 @@ def int_list(s):
     return [int(v) for v in s.split(',') if v]
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--teacher', required=True, help='teacher model (a train.py export, BFL file or diffusers folder)')
     p.add_argument('--student', help='a full model or a LoRA on the teacher; omit to evaluate only the teacher')
     p.add_argument('--lora_scale', type=float, default=1.0, help='merge scale of a LoRA student (SCFM Flux UI: 1.6)')

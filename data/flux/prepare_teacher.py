@@ -1,10 +1,6 @@
 """
 Teacher data for SCFM on FLUX.1: prompts -> the teacher's samples -> train.py's shards (README, Data).
 
-    torchrun --standalone --nproc_per_node=8 data/flux/prepare_teacher.py --prompts prompts.txt \
-        --out data/flux_teacher --ckpt checkpoints/flux1-dev.safetensors --ae ae.safetensors \
-        --t5 FLUX.1-dev/text_encoder_2 --clip FLUX.1-dev/text_encoder --size 512x512 --steps 32 --guidance 3.5 --png
-
 train_XXXXX.safetensors: prompts [XXXXX*chunk, (XXXXX+1)*chunk) as x0 (the teacher's final latent; --latent reencode:
 through 8-bit pixels and back), txt, y, index. Prompt i uses noise seed --seed + i: the data depend neither on the
 number of ranks nor on restarts. prepare_folder.py shares the chunk machinery below.

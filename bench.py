@@ -8,7 +8,7 @@ are positional and optional; GPU ones use random FLUX.1-dev-size weights (`gpu s
     python bench.py gpu-model [preset] [device] [depth] [single] [batch]  # `model` at FLUX.1-dev width, 1024+512 tokens
     python bench.py gpu-train [preset] [device] [batch] [grad_accum] [iters] [train.py args]  # step time, MFU
 """
-import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time, unittest.mock
+import copy, dataclasses, json, os, re, subprocess, sys, tempfile, time
 from statistics import median
 
 import torch
@@ -66,18 +66,10 @@ def as_ours(ref):
         hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
         txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
-def fused_forward(net, *args):
-    """net(*args) with one matmul per fused BFL weight (qkv, linear1), its output split, not one per row block."""
-    def linear(self, x, split=None):
-        out = torch.nn.functional.linear(x, self.weight, self.bias)
-        return out if split is None else out.split(split, -1)
-    with unittest.mock.patch.object(model.Linear, 'forward', linear):
-        return net(*args)
-
 def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=48, cfg=CFG, device='cpu', batch=2,
                 latent=32, text_tokens=64, warmup=1):
     """Our Flux against diffusers' FluxTransformer2DModel (same weights), an identical copy of ours (how far a ratio
-    strays from 1 by noise alone) and ours with fused matmuls. ~100 rounds settle a median ratio to ~1%."""
+    strays from 1 by noise alone). ~100 rounds settle a median ratio to ~1%."""
     ours, rows, tokens = random_model(cfg, device), [], (latent // 2) ** 2
     ref, twin = diffusers_twin(ours, cfg).to(device), copy.deepcopy(ours)
     for name in dtypes.split(','):
@@ -87,8 +79,7 @@ def bench_model(dtypes='float32,bfloat16', forward_rounds=120, backward_rounds=4
                           ((tokens, cfg.in_channels), (text_tokens, cfg.context_in_dim), (cfg.vec_in_dim,), ()))
         args = (img, model.make_img_ids(latent, latent, device=device), txt,
                 model.make_txt_ids(text_tokens, device=device), t.sigmoid(), y, torch.full_like(t, 3.5))
-        others = {'diffusers': lambda: as_ours(ref)(*args), 'a copy of ours (noise)': lambda: twin(*args),
-                  'ours with fused matmuls (split vs fused)': lambda: fused_forward(ours, *args)}
+        others = {'diffusers': lambda: as_ours(ref)(*args), 'a copy of ours (noise)': lambda: twin(*args)}
         with torch.no_grad():  # rel. error: |ours - other| / |ours|
             out = ours(*args).float()
             errors = {other: ((out - run().float()).norm() / out.norm()).item() for other, run in others.items()}

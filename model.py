@@ -72,8 +72,8 @@ def apply_rope(x, pe):
     return (xf * cos + rotated * sin).type_as(x)
 
 def attention(q, k, v, pe):
-    # q, k, v: contiguous (B, L, H, D), so RoPE vectorises; SDPA's output on (B, H, L, D) views is laid out as
-    # (B, L, H, D), so "B H L D -> B L (H D)" is a view, not a copy
+    # q, k, v: (B, L, H, D); SDPA's output on (B, H, L, D) views is laid out as (B, L, H, D), so "B H L D -> B L (H D)"
+    # is a view, not a copy
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)
@@ -81,16 +81,6 @@ def attention(q, k, v, pe):
 def add_linear(out, x, weight, alpha):
     # out + alpha * x @ weight.T as one GEMM accumulating into out: LoRA's up-projection without extra passes
     return torch.addmm(out.flatten(0, -2), x.flatten(0, -2), weight.t(), alpha=alpha).view(out.shape)
-
-class Linear(nn.Linear):
-    def forward(self, x, split=None):
-        # split: output sizes -> one output per row block of the weight, each its own matmul. BFL fuses q, k, v (and
-        # in single blocks the MLP input) into one weight; separate matmuls give the same numbers and, on the CPU
-        # BLAS measured in bench.py model, run faster than one wide product
-        if split is None:
-            return F.linear(x, self.weight, self.bias)
-        biases = self.bias.split(split) if self.bias is not None else [None] * len(split)
-        return [F.linear(x, w, b) for w, b in zip(self.weight.split(split), biases)]
 
 def layer_norm(x):
     # every LayerNorm in Flux is affine-free with eps 1e-6, so a function is enough (no parameters to name)
@@ -116,8 +106,8 @@ class QKNorm(nn.Module):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim, hidden_dim):
         super().__init__()
-        self.in_layer = Linear(in_dim, hidden_dim)
-        self.out_layer = Linear(hidden_dim, hidden_dim)
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -127,7 +117,7 @@ class Modulation(nn.Module):
     def __init__(self, dim, n):
         super().__init__()
         self.n = n
-        self.lin = Linear(dim, n * dim)
+        self.lin = nn.Linear(dim, n * dim)
 
     def forward(self, vec):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
@@ -136,12 +126,12 @@ class AttentionProjections(nn.Module):  # q, k, v and the output projection; the
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
         self.num_heads, self.dim = num_heads, dim
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x):
-        q, k, v = (heads(a, self.num_heads) for a in self.qkv(x, split=[self.dim] * 3))
+        q, k, v = (heads(a, self.num_heads) for a in self.qkv(x).split(self.dim, -1))
         q, k = self.norm(q, k, v)
         return q, k, v
 
@@ -149,7 +139,7 @@ def heads(x, num_heads):
     return x.unflatten(-1, (num_heads, -1))  # "B L (H D) -> B L H D"
 
 def mlp(dim, hidden):
-    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate='tanh'), Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim))
 
 def modulate(x, shift, scale):
     return (1 + scale) * layer_norm(x) + shift
@@ -185,14 +175,14 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads, self.dim = num_heads, dim
         self.mlp_hidden = int(dim * mlp_ratio)
-        self.linear1 = Linear(dim, dim * 3 + self.mlp_hidden)
-        self.linear2 = Linear(dim + self.mlp_hidden, dim)
+        self.linear1 = nn.Linear(dim, dim * 3 + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 3)
 
     def forward(self, x, vec, pe):
         shift, scale, gate = self.modulation(vec)
-        q, k, v, h = self.linear1(modulate(x, shift, scale), split=[self.dim] * 3 + [self.mlp_hidden])
+        q, k, v, h = self.linear1(modulate(x, shift, scale)).split([self.dim] * 3 + [self.mlp_hidden], -1)
         q, k, v = heads(q, self.num_heads), heads(k, self.num_heads), heads(v, self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(h, approximate='tanh')), 2))
@@ -201,8 +191,8 @@ class SingleStreamBlock(nn.Module):
 class LastLayer(nn.Module):
     def __init__(self, dim, out_channels):
         super().__init__()
-        self.linear = Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # BFL order: shift first (diffusers swaps)
@@ -217,11 +207,11 @@ class Flux(nn.Module):
         c = self.config = config
         assert c.hidden_size % c.num_heads == 0, 'hidden_size must be divisible by num_heads'
         assert sum(c.axes_dim) == c.hidden_size // c.num_heads, f'axes_dim {c.axes_dim} must sum to head_dim'
-        self.img_in = Linear(c.in_channels, c.hidden_size)
+        self.img_in = nn.Linear(c.in_channels, c.hidden_size)
         self.time_in = MLPEmbedder(256, c.hidden_size)
         self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
         self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
-        self.txt_in = Linear(c.context_in_dim, c.hidden_size)
+        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qkv_bias)
                                            for _ in range(c.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio)
@@ -313,12 +303,12 @@ def make_txt_ids(length, device=None):
     return torch.zeros(length, 3, device=device)
 
 # ----------------------------------------------------------------------------------------------------------
-# LoRA, written by hand: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
+# LoRA without a library: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
 # the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
 
 LORA_ALL = r'.*'  # target pattern over BFL module names: every nn.Linear
 
-class LoRALinear(Linear):
+class LoRALinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, rank=4, alpha=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank, self.alpha, self.scale = rank, float(alpha if alpha is not None else rank), 1.0
@@ -330,21 +320,18 @@ class LoRALinear(Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x, split=None):
-        out = super().forward(x, split)
+    def forward(self, x):
+        out = super().forward(x)
         if self.scale == 0:
             return out
-        down, factor = F.linear(x, self.lora_A), self.scale * self.alpha / self.rank
-        if split is None:
-            return add_linear(out, down, self.lora_B, factor)
-        return [add_linear(o, down, up, factor) for o, up in zip(out, self.lora_B.split(split))]
+        return add_linear(out, F.linear(x, self.lora_A), self.lora_B, self.scale * self.alpha / self.rank)
 
 def apply_lora(model, rank, alpha=None, targets=LORA_ALL):
     """Swap every nn.Linear whose module name fully matches the regex `targets` for a LoRALinear, in place.
     Base weights are kept (same tensors, same names); works on the meta device too. Returns the wrapped names."""
     names = []
     for name, module in list(model.named_modules()):
-        if type(module) in (nn.Linear, Linear) and re.fullmatch(targets, name):
+        if type(module) is nn.Linear and re.fullmatch(targets, name):
             lora = LoRALinear(module.in_features, module.out_features, module.bias is not None, rank, alpha,
                               device=module.weight.device, dtype=module.weight.dtype)
             lora.weight, lora.bias = module.weight, module.bias

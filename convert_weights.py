@@ -76,10 +76,13 @@ def write_safetensors(path, metas, tensors, metadata=None):
             f.write(struct.pack("<Q", len(head)) + head)
             names = []
             for name, t in tensors:
-                assert [list(t.shape), DTYPE_NAMES[t.dtype]] == [header[name]["shape"], header[name]["dtype"]], name
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # little-endian host
                 names.append(name)
-            assert names == list(header), f"{path}: the tensors did not come in the order of the header"
+                if names != list(header)[:len(names)] or [list(t.shape), DTYPE_NAMES[t.dtype]] != [
+                        header[name]["shape"], header[name]["dtype"]]:
+                    raise ConvertError(f"{path}: tensor {name!r} does not match the header (order, shape or dtype)")
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # little-endian host
+            if names != list(header):
+                raise ConvertError(f"{path}: {len(names)} tensors written, the header lists {len(header)}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

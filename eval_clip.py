@@ -30,11 +30,17 @@ def fid(feats1, feats2):
     """Frechet distance between Gaussians fitted to two feature sets (rows = samples; covariances with ddof=1):
     |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^{1/2}. With S_i = X_i^T X_i / n_i (X_i centred), the nonzero
     eigenvalues of S1 S2 are the squared singular values of X1 X2^T / sqrt(n1 n2), so tr (S1 S2)^{1/2} is that
-    matrix's nuclear norm: exact for any number of samples, in float64, with an N1 x N2 SVD."""
+    matrix's nuclear norm: an N1 x N2 SVD. With more samples than dimensions, the d x d form is cheaper: the trace of
+    (S1^{1/2} S2 S1^{1/2})^{1/2}, two symmetric eigendecompositions. Both exact, in float64."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     n1, n2 = len(f1) - 1, len(f2) - 1
     x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
-    tr_covmean = np.linalg.svd(x1 @ x2.T / np.sqrt(n1 * n2), compute_uv=False).sum()
+    if min(n1, n2) < f1.shape[1]:
+        tr_covmean = np.linalg.svd(x1 @ x2.T / np.sqrt(n1 * n2), compute_uv=False).sum()
+    else:
+        w, v = np.linalg.eigh(x1.T @ x1 / n1)
+        root = (v * np.sqrt(w.clip(min=0))) @ v.T  # S1^{1/2}
+        tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ (x2.T @ x2 / n2) @ root).clip(min=0)).sum()
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (x1 ** 2).sum() / n1 + (x2 ** 2).sum() / n2 - 2 * tr_covmean)
 
 @torch.no_grad()

@@ -85,17 +85,18 @@ def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, n
     img_ids, txt_ids = model.make_img_ids(h, w, device=p.device), model.make_txt_ids(txt.shape[1], device=p.device)
     ts = get_schedule(steps, shift=shift, image_seq_len=(h // 2) * (w // 2))
     ts[0] = first_t
-    if cfg := true_cfg != 1.0:  # one batched forward for the conditional and the negative halves
+    use_cfg = true_cfg != 1.0
+    if use_cfg:  # one batched forward for the conditional and the negative halves
         if neg_txt is None or neg_y is None:
             raise ValueError('true_cfg != 1 needs the negative prompt embeddings neg_txt, neg_y')
         txt, y = torch.cat([txt, neg_txt.expand_as(txt)]), torch.cat([y, neg_y.expand_as(y)])
     txt, y = txt.to(p.device, p.dtype), y.to(p.device, p.dtype)
 
     def velocity(x, img_ids, txt, txt_ids, t, y, guidance=None):
-        n = 2 if cfg else 1
+        n = 2 if use_cfg else 1
         g = None if guidance is None else guidance.repeat(n).to(p.dtype)
         v = net(x.to(p.dtype).repeat(n, 1, 1), img_ids, txt, txt_ids, t.repeat(n).to(p.dtype), y, guidance=g).float()
-        if cfg:
+        if use_cfg:
             v, v_neg = v.chunk(2)
             v = v_neg + true_cfg * (v - v_neg)
         return v
@@ -195,8 +196,9 @@ def encode_batches(prompts, args, device, extra=()):
     """Encode prompts (and the extra texts) in batches of args.batch, then free the encoders before the DiT loads.
     -> list of (txt, y) per batch, and the (txt, y) of each extra text."""
     enc = load_text_encoders(args.t5, args.clip, device, DTYPES[args.dtype])
-    out = [encode_prompts(prompts[i:i + args.batch], enc, args.max_length) for i in range(0, len(prompts), args.batch)]
-    extra = [encode_prompts([t], enc, args.max_length) for t in extra]
+    encode = lambda texts: tuple(v.cpu() for v in encode_prompts(texts, enc, args.max_length))  # on the CPU until used
+    out = [encode(prompts[i:i + args.batch]) for i in range(0, len(prompts), args.batch)]
+    extra = [encode([t]) for t in extra]
     del enc
     if device.startswith('cuda'):
         torch.cuda.empty_cache()

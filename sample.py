@@ -199,7 +199,7 @@ def encode_batches(prompts, args, device, extra=()):
     encode = lambda texts: tuple(v.cpu() for v in encode_prompts(texts, enc, args.max_length))  # on the CPU until used
     out = [encode(prompts[i:i + args.batch]) for i in range(0, len(prompts), args.batch)]
     extra = [encode([t]) for t in extra]
-    del enc
+    enc = None  # the encoders go before the DiT loads
     if device.startswith('cuda'):
         torch.cuda.empty_cache()
     return out, extra

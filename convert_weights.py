@@ -384,8 +384,8 @@ def _fold(b, scale):  # alpha/r folded into B, so that alpha = r
 
 def load_lora(path):
     """Any supported LoRA file -> (our LoRA state dict, detected format); alpha defaults to the rank. diffusers/PEFT
-    parts of one fused BFL linear are re-fused exactly: with one shared A (as our export writes) A is kept and the Bs
-    stacked, else the As are stacked and B is block-diagonal (ranks summed). A part without a LoRA: zero rows in B."""
+    parts of one fused BFL linear are re-fused exactly: one shared A is kept and the Bs stacked (fused layout), else
+    one adapter per part (split layout: As stacked, ranks zero-padded to the largest). A part without a LoRA: zeros."""
     fmt, src, _ = open_checkpoint(path)
     if not fmt.startswith("lora"):
         raise ConvertError(f"{path}: detected format {fmt}, not a LoRA")
@@ -405,37 +405,41 @@ def load_lora(path):
     for m, (n, op, got) in parts.items():
         A, B = {}, {}
         for name, (a, b, alpha) in got.items():
-            if a is None or b is None or a.shape[0] != b.shape[1]:
+            if a is None or b is None or a.shape[0] % b.shape[1]:
                 raise ConvertError(f"{path}: LoRA module {name!r} needs lora_A (r, in) and lora_B (out, r), found "
                                    f"{[None if t is None else tuple(t.shape) for t in (a, b)]}")
-            alpha = float(a.shape[0] if alpha is None else alpha)
-            A[part_of[name]], B[part_of[name]] = a, b if n == 1 else _fold(b, alpha / a.shape[0])  # stackable Bs
+            alpha = float(b.shape[1] if alpha is None else alpha)
+            A[part_of[name]], B[part_of[name]] = a, b if n == 1 else _fold(b, alpha / b.shape[1])  # stackable Bs
         a0 = A[min(A)]
         if any(a.shape[1] != a0.shape[1] for a in A.values()):
             raise ConvertError(f"{path}: the parts of {m!r} have LoRAs with different input sizes")
-        same = all(torch.equal(a, a0) for a in A.values())
-        Bs = [B[j] if j in B else torch.zeros(a0.shape[1] * (4 if j == 3 else 1), a0.shape[0] if same else 0,
-                                              dtype=a0.dtype) for j in range(n)]
-        fused = torch.cat(Bs, 0) if same else torch.block_diag(*Bs)
-        sd.update({f"{m}.lora_A.weight": a0 if same else torch.cat([A[j] for j in sorted(A)], 0),
-                   f"{m}.lora_B.weight": _TO_BFL[op]([fused])[0],
-                   f"{m}.alpha": torch.tensor(alpha if n == 1 else float(fused.shape[1]))})  # folded: alpha = rank
+        same, r = all(torch.equal(a, a0) for a in A.values()), max(b.shape[1] for b in B.values())
+        pad = torch.nn.functional.pad
+        Bs = [pad(B[j], (0, r - B[j].shape[1])) if j in B else a0.new_zeros(a0.shape[1] * (4 if j == 3 else 1), r)
+              for j in range(n)]
+        As = [pad(A[j], (0, 0, 0, r - A[j].shape[0])) if j in A else a0.new_zeros(r, a0.shape[1]) for j in range(n)]
+        sd.update({f"{m}.lora_A.weight": a0 if same else torch.cat(As, 0),
+                   f"{m}.lora_B.weight": _TO_BFL[op]([torch.cat(Bs, 0)])[0],
+                   f"{m}.alpha": torch.tensor(alpha if n == 1 else float(r))})  # folded: alpha = rank
     return sd, fmt
 
 def convert_lora(src_path, out_path, to="ours"):
     """Any LoRA file -> ours, kohya or diffusers/PEFT (on the split diffusers linears: alpha/r folded into B, as PEFT
-    loads it with alpha = r; A copied to every part of a fused BFL linear, B split by rows like the weight)."""
+    loads it with alpha = r; B split by rows like the weight, each part with its own A or the shared one)."""
     sd, fmt = load_lora(src_path)
     out = dict(sd) if to == "ours" else {}
     for m in [k.removesuffix(".alpha") for k in sd if k.endswith(".alpha")]:
         a, b, alpha = sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"], sd[f"{m}.alpha"]
-        if to == "kohya":
+        n = a.shape[0] // b.shape[1]  # adapters: 1, or one per part of a fused BFL linear (split layout)
+        if to == "kohya":  # one adapter per BFL linear: a split LoRA exactly as rank n*r with B block-diagonal
+            b, alpha = (torch.block_diag(*_split([b], n, a.shape[1])), alpha * n) if n > 1 else (b, alpha)
             name = "lora_unet_" + m.replace(".", "_")
             out.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.alpha": alpha})
         elif to == "diffusers":
             [(dif, split, _)] = bfl_to_diffusers_plan([m + ".weight"], a.shape[1], src_path)
-            for d, bj in zip(dif, split([_fold(b, float(alpha) / a.shape[0])])):
-                out.update({f"transformer.{d[:-7]}.lora_A.weight": a, f"transformer.{d[:-7]}.lora_B.weight": bj})
+            for j, (d, bj) in enumerate(zip(dif, split([_fold(b, float(alpha) / b.shape[1])]))):
+                out.update({f"transformer.{d[:-7]}.lora_A.weight": a.chunk(n)[j % n],
+                            f"transformer.{d[:-7]}.lora_B.weight": bj})
     write_dict(out_path, {k: v.contiguous() for k, v in out.items()}, {"format": "flux-lora" if to == "ours" else "pt"})
     return fmt
 
@@ -452,7 +456,7 @@ def main(argv=None):
     fmt, src, _ = open_checkpoint(args.src)
     print(f"{args.src}: detected {fmt} ({len(src)} tensors)")
     if args.info and fmt.startswith("lora"):
-        ranks = [v.shape[0] for k, v in load_lora(args.src)[0].items() if k.endswith(".lora_A.weight")]
+        ranks = [v.shape[1] for k, v in load_lora(args.src)[0].items() if k.endswith(".lora_B.weight")]
         print(f"{len(ranks)} LoRA'd linears, ranks {sorted(set(ranks))}")
     elif args.info:
         print(checkpoint_plan(args.src)[3])

@@ -265,20 +265,9 @@ def test_lora_diffusers_export_loads_in_diffusers(lora_setup):
     assert rel(run_ours(m2, s["x"]), run_ours(s["m"], s["x"])) <= 1e-5
 
 
-def apply_lora_by_rank(m, sd):
-    # our import may give fused modules a larger rank (block-diagonal B); apply_lora takes one rank per call
-    ranks = {}
-    for k, v in sd.items():
-        if k.endswith(".lora_A.weight"):
-            ranks.setdefault(v.shape[0], []).append(k[:-len(".lora_A.weight")])
-    for r, names in ranks.items():
-        model.apply_lora(m, r, targets="|".join(re.escape(n) for n in names))
-    model.load_lora_state_dict(m, sd)
-
-
 def test_lora_from_peft_partial_targets(tmp_path):
-    """A PEFT LoRA with independent q/k/v adapters and no proj_mlp (diffusers' dreambooth targets): re-fused by
-    stacking the A's and a block-diagonal B (zero rows for proj_mlp); exact."""
+    """A PEFT LoRA with independent q/k/v adapters and no proj_mlp (diffusers' dreambooth targets): one adapter per
+    part of the fused BFL linear (split layout, zeros for proj_mlp); exact."""
     peft = pytest.importorskip("peft")
     from peft.utils import get_peft_model_state_dict
     d = small_diffusers(True, seed=3)
@@ -292,13 +281,60 @@ def test_lora_from_peft_partial_targets(tmp_path):
     convert_weights.write_dict(str(tmp_path / "peft.safetensors"), sd)
     convert_weights.main(["--lora", str(tmp_path / "peft.safetensors"), str(tmp_path / "ours.safetensors")])
     ours, fmt = convert_weights.load_lora(str(tmp_path / "ours.safetensors"))
-    assert ours["single_blocks.0.linear1.lora_A.weight"].shape == (9, 32)  # 3 parts x rank 3
+    assert ours["single_blocks.0.linear1.lora_A.weight"].shape == (12, 32)  # 4 parts x rank 3
+    assert ours["single_blocks.0.linear1.lora_B.weight"].shape == (3 * 32 + 128, 3)
     assert ours["double_blocks.0.img_mlp.0.lora_A.weight"].shape == (3, 32)
     assert not ours["single_blocks.0.linear1.lora_B.weight"][3 * 32:].any()  # no proj_mlp LoRA
     m = load_ours(str(tmp_path / "dif"))
-    apply_lora_by_rank(m, ours)
+    model.load_lora_state_dict(m, ours)
     x = inputs(True)
     assert rel(run_ours(m, x), run_diffusers(d, x)) <= 1e-5
+
+
+def test_lora_split_layout_is_peft_official(tmp_path):
+    """The official SCFM adapters (PEFT on diffusers' to_q/k/v, add_q/k/v_proj, proj_mlp; gaussian init) are our
+    split layout on LORA_OFFICIAL: the same init distribution, outputs, one-to-one diffusers keys both ways, an exact
+    merge, and kohya's single adapter per BFL linear (rank 3r or 4r, B block-diagonal) loads back to the same model."""
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+    d = small_diffusers(True, seed=4)
+    d.save_pretrained(tmp_path / "dif")
+    official = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp"]
+    d.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=official, init_lora_weights="gaussian"))
+    m = load_ours(str(tmp_path / "dif"))
+    model.apply_lora(m, 4, 4, model.LORA_OFFICIAL, layout="split", init="gaussian")
+    peft_sd = {"transformer." + k: v.clone() for k, v in get_peft_model_state_dict(d).items()}
+    ours_sd = model.lora_state_dict(m)
+    assert sum(k.endswith("lora_A.weight") for k in peft_sd) == 3 * 2 * 2 + 4 * 2  # tiny: 2 double, 2 single blocks
+    pa = torch.cat([v.flatten() for k, v in peft_sd.items() if "lora_A" in k])
+    oa = torch.cat([v.flatten() for k, v in ours_sd.items() if "lora_A" in k])
+    assert pa.numel() == oa.numel() and abs(pa.std() / oa.std() - 1) < 0.05  # N(0, 1/r) both
+    with torch.no_grad():
+        for n, p in d.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft_sd = {"transformer." + k: v.clone() for k, v in get_peft_model_state_dict(d).items()}
+    convert_weights.write_dict(str(tmp_path / "peft.safetensors"), peft_sd)
+    convert_weights.main(["--lora", str(tmp_path / "peft.safetensors"), str(tmp_path / "ours.safetensors")])
+    ours, _ = convert_weights.load_lora(str(tmp_path / "ours.safetensors"))
+    assert ours["single_blocks.0.linear1.lora_A.weight"].shape == (16, 32)  # 4 parts x rank 4
+    model.load_lora_state_dict(m, ours)
+    x = inputs(True)
+    out = run_ours(m, x)
+    assert rel(out, run_diffusers(d, x)) <= 1e-5
+    convert_weights.main(["--lora", str(tmp_path / "ours.safetensors"), str(tmp_path / "dif.safetensors"),
+                          "--to", "diffusers"])
+    back = load_file(str(tmp_path / "dif.safetensors"))
+    assert set(back) == set(peft_sd) and all(torch.equal(back[k], peft_sd[k]) for k in back)
+    convert_weights.main(["--lora", str(tmp_path / "ours.safetensors"), str(tmp_path / "k.safetensors"),
+                          "--to", "kohya"])
+    kohya = load_file(str(tmp_path / "k.safetensors"))
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (224, 16)  # rank 4 parts x 4
+    k_model = load_ours(str(tmp_path / "dif"))
+    model.load_lora_state_dict(k_model, convert_weights.load_lora(str(tmp_path / "k.safetensors"))[0])
+    assert rel(run_ours(k_model, x), out) <= 1e-5
+    model.merge_lora(m)
+    assert rel(run_ours(m, x), out) <= 1e-5
 
 
 def test_lora_kohya_round_trip(lora_setup):

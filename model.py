@@ -320,9 +320,7 @@ def make_txt_ids(length, device=None):
 # LoRA without a library: y = W x + b + scale * (alpha/rank) * B A x.  B starts at zero, so a fresh LoRA is
 # the base model; scale 0 skips the LoRA branch entirely, so the teacher pass is the base model bit for bit.
 
-LORA_ALL = r'.*'  # target pattern over BFL module names: every nn.Linear
-# the official SCFM script's adapters (diffusers' to_q/k/v, add_q/k/v_proj, proj_mlp): with layout='split', exactly them
-LORA_OFFICIAL = r'double_blocks\.\d+\.(img|txt)_attn\.qkv|single_blocks\.\d+\.linear1'
+LORA_ALL = r'.*'  # target pattern over BFL module names: every linear (with layout 'split': the official SCFM run's)
 
 class LoRALinear(Linear):
     """layout 'fused': one adapter per weight (q, k, v share A); 'split': one per part of a fused weight (A stacks

@@ -292,20 +292,26 @@ def test_lora_from_peft_partial_targets(tmp_path):
 
 
 def test_lora_split_layout_is_peft_official(tmp_path):
-    """The official SCFM adapters (PEFT on diffusers' to_q/k/v, add_q/k/v_proj, proj_mlp; gaussian init) are our
-    split layout on LORA_OFFICIAL: the same init distribution, outputs, one-to-one diffusers keys both ways, an exact
-    merge, and kohya's single adapter per BFL linear (rank 3r or 4r, B block-diagonal) loads back to the same model."""
+    """The official SCFM run's adapters (PEFT, gaussian init, on its script's LORA_LAYERS: every linear, diffusers'
+    separate q, k, v, proj_mlp included) are our split layout on every linear: the same init distribution, outputs,
+    one-to-one diffusers keys both ways, an exact merge, and kohya's single adapter per BFL linear (rank 3r or 4r,
+    B block-diagonal) loads back to the same model."""
     peft = pytest.importorskip("peft")
     from peft.utils import get_peft_model_state_dict
     d = small_diffusers(True, seed=4)
     d.save_pretrained(tmp_path / "dif")
-    official = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp"]
+    official = [f"time_text_embed.{e}_embedder.linear_{i}" for e in ("timestep", "text", "guidance") for i in (1, 2)]
+    official += ["context_embedder", "x_embedder", "norm.linear", "norm1.linear", "norm1_context.linear",
+                 "norm_out.linear", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                 "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                 "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+    n_linear = sum(isinstance(mod, torch.nn.Linear) for mod in d.modules())
     d.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=official, init_lora_weights="gaussian"))
     m = load_ours(str(tmp_path / "dif"))
-    model.apply_lora(m, 4, 4, model.LORA_OFFICIAL, layout="split", init="gaussian")
+    model.apply_lora(m, 4, 4, layout="split", init="gaussian")
     peft_sd = {"transformer." + k: v.clone() for k, v in get_peft_model_state_dict(d).items()}
     ours_sd = model.lora_state_dict(m)
-    assert sum(k.endswith("lora_A.weight") for k in peft_sd) == 3 * 2 * 2 + 4 * 2  # tiny: 2 double, 2 single blocks
+    assert sum(k.endswith("lora_A.weight") for k in peft_sd) == n_linear  # every linear has an adapter
     pa = torch.cat([v.flatten() for k, v in peft_sd.items() if "lora_A" in k])
     oa = torch.cat([v.flatten() for k, v in ours_sd.items() if "lora_A" in k])
     assert pa.numel() == oa.numel() and abs(pa.std() / oa.std() - 1) < 0.05  # N(0, 1/r) both

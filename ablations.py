@@ -97,6 +97,12 @@ def main(argv=None):
          '2/4/8/16-step windows.', pretrain['scfm'],
          [(name, pretrain[k], (1, 2, 3, 4, 8, 32)) for k, name in zip(pretrain, ['plain FM (1200 steps)',
           'FM + SCFM self slice (1030 steps)', '500 FM steps, then FM + SCFM self slice (1100 steps)'])])]
+    official = {k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors' for k in (
+        'lora', 'lora-ema-zero', 'lora-bf16', 'lora-gaussian', 'lora-split', 'lora-clip10', 'lora-official', 'full',
+        'full-bf16', 'full-clip10')}
+    sections.append(('official', '### The official FLUX run\'s choices, one at a time\n\n170 SCFM steps; LoRA rank 16 on '
+                     'every linear (lr 1e-3) or all weights (lr 3e-4).', official['lora'],
+                     [(k, runs, (2, 3, 4)) for k, runs in official.items()]))
     for key, title, needs, groups in [section for section in sections if have(section[2])]:
         results[key] = []
         for name, runs, steps in groups:  # one model per training seed

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The CPU testbed's ablations: EMA strategies, few-shot distillation, progressive distillation at equal compute and
-# SCFM during pretraining, then their tables and curves (python ablations.py -> docs/ablations/). Needs testbed.sh's
-# data and teacher. Every run is an ordinary train.py call; finished runs are skipped.
-#   bash ablations.sh [ema|ema_long|fewshot|progressive|pretrain|eval|all]     SEEDS="1337 2" (training seeds) by default
+# The CPU testbed's ablations: EMA strategies, few-shot distillation, progressive distillation at equal compute, SCFM
+# during pretraining and the official FLUX run's choices, then their tables and curves (python ablations.py ->
+# docs/ablations/). Needs testbed.sh's data and teacher. Every run is an ordinary train.py call; finished runs are skipped.
+#   bash ablations.sh [ema|ema_long|fewshot|progressive|pretrain|official|eval|all]     SEEDS="1337 2" (training seeds) by default
 # Two parts can share the 2 cores: OMP_NUM_THREADS=1 bash ablations.sh ema & OMP_NUM_THREADS=1 bash ablations.sh pretrain
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,13 +11,15 @@ SEEDS=${SEEDS:-"1337 2"}
 TEACHER=out/digits_teacher/model_ema.safetensors
 RUNS=out/ablations
 what=${1:-all}
-mkdir -p $RUNS/fewshot $RUNS/pretrain
+mkdir -p $RUNS/fewshot $RUNS/pretrain $RUNS/official
 # seed 1337 of plain FM and of full-data SCFM are testbed.sh's own runs (same configs, same seed): reuse them
 [ -e $RUNS/pretrain/fm_s1337 ] || ln -s ../../digits_teacher $RUNS/pretrain/fm_s1337
 [ -e $RUNS/fewshot/full_s1337 ] || ln -s ../../digits_scfm $RUNS/fewshot/full_s1337
-train() {  # train OUT_DIR CONFIG ARGS...: skip if OUT_DIR already has its export
+[ -e $RUNS/official/full_s1337 ] || ln -s ../../digits_scfm $RUNS/official/full_s1337
+train() {  # train OUT_DIR CONFIG ARGS...: skip if OUT_DIR has its export, resume an interrupted run, else start afresh
   local out=$1; shift
-  [ -f "$out/model.safetensors" ] || python train.py "$@" --out_dir="$out"
+  [ -f "$out/model.safetensors" ] || [ -f "$out/lora.safetensors" ] || python train.py "$@" --out_dir="$out" \
+      $([ -f "$out/latest" ] && echo --resume=True || echo --overwrite=True)
 }
 if [[ $what == ema || $what == all ]]; then
   for s in $SEEDS; do  # 300 steps each, the student exported every 25 steps for the curves
@@ -56,6 +58,23 @@ if [[ $what == pretrain || $what == all ]]; then
     train $RUNS/pretrain/fm_s$s config/digits_teacher.py --seed=$s
     train $RUNS/pretrain/scfm_s$s config/digits_pretrain_scfm.py --seed=$s
     train $RUNS/pretrain/scfm-warm_s$s config/digits_pretrain_scfm.py --seed=$s --fm_warmup=500 --max_iters=1100
+  done
+fi
+if [[ $what == official || $what == all ]]; then  # the official FLUX run's choices, one at a time (README)
+  for s in $SEEDS; do
+    lora="config/digits_scfm.py --seed=$s --lora_rank=16 --teacher=lora_off --lr=1e-3"
+    train $RUNS/official/lora_s$s $lora                        # ours: fused, kaiming, EMAs = student, fp32, clip 1
+    train $RUNS/official/lora-ema-zero_s$s $lora --ema_init=zero
+    train $RUNS/official/lora-bf16_s$s $lora --dtype=bfloat16 --master_dtype=bfloat16
+    train $RUNS/official/lora-gaussian_s$s $lora --lora_init=gaussian
+    train $RUNS/official/lora-split_s$s $lora --lora_layout=split
+    train $RUNS/official/lora-clip10_s$s $lora --grad_clip=10.0
+    train $RUNS/official/lora-official_s$s $lora --ema_init=zero --dtype=bfloat16 --master_dtype=bfloat16 \
+        --lora_init=gaussian --lora_layout=split --grad_clip=10.0 --weight_decay=1e-4
+    full="config/digits_scfm.py --seed=$s"  # all weights: the choices that apply (zero EMAs are for LoRA deltas)
+    train $RUNS/official/full_s$s $full
+    train $RUNS/official/full-bf16_s$s $full --dtype=bfloat16 --master_dtype=bfloat16
+    train $RUNS/official/full-clip10_s$s $full --grad_clip=10.0
   done
 fi
 if [[ $what == eval || $what == all ]]; then

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import struct
-import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -84,6 +83,8 @@ def write_safetensors(path, metas, tensors, metadata=None):
             if names != list(header):
                 raise ConvertError(f"{path}: {len(names)} tensors written, the header lists {len(header)}")
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a missing folder, no permission: named, and the temporary removed below
+        raise ConvertError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -471,7 +472,6 @@ def main(argv=None):
         print(convert(args.src, args.out, args.to, dtype, progress=not args.quiet)[1], f"\nwrote {args.out}")
 
 if __name__ == "__main__":
-    try:
+    from checks import one_line_errors
+    with one_line_errors():  # ConvertError, and an output path that is a folder or cannot be made
         main()
-    except ConvertError as e:
-        sys.exit(f"error: {e}")

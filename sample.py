@@ -11,13 +11,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
 import model
-from convert_weights import load_ae, load_transformer
+from checks import CLI, check_options, one_line_errors
+from convert_weights import load_ae, load_transformer, open_files, read_ae, read_flux
 from scfm import get_schedule
 
 @torch.no_grad()
@@ -149,18 +149,13 @@ def parse_size(size):
         raise ValueError(f'size {h}x{w}: height and width must be positive multiples of 16 (8x AE, 2x2 patches)')
     return h, w
 
-def parse_shift(shift):
-    try:
-        return None if shift == 'dynamic' else float(shift)
-    except ValueError:
-        raise ValueError(f"--shift {shift!r}: a number (e.g. 3.0) or 'dynamic'") from None
+def parse_shift(shift):  # checked first by checks.CLI
+    return None if shift == 'dynamic' else float(shift)
 
 def run_cli(main):
     """Run a script's main; the errors we raise on bad input print as one line (exit status 1), not a traceback."""
-    try:
+    with one_line_errors():
         main()
-    except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError's str() would add quotes
-        sys.exit(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}')
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
@@ -179,17 +174,18 @@ def add_sampling_args(ap, out):
     ap.add_argument('--seed', type=int, default=0, help='image i uses seed + i')
     ap.add_argument('--size', default='512x512', help='HEIGHTxWIDTH, multiples of 16')
     ap.add_argument('--batch', type=int, default=4)
-    ap.add_argument('--max_length', type=int, default=512, help='T5 tokens: 512 dev, 256 schnell')
+    ap.add_argument('--max_length', type=int, help="T5 tokens (default: the LoRA/model file's training length, or 512)")
     ap.add_argument('--out', default=out)
     ap.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
 def check_sampling_args(args):
     """The shared options, checked before anything big loads -> (height, width, shift)."""
-    for path, what in ((args.ckpt, '--ckpt'), (args.ae, '--ae'), (args.lora, '--lora'), (args.t5, '--t5'),
-                       (args.clip, '--clip')):
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f'{what} {path!r} does not exist')
+    check_options(vars(args), CLI, '--{} {!r}')  # paths, numbers, --device, --out (and the caller's own options)
+    read_flux(args.ckpt), read_ae(args.ae)  # their headers: a wrong or broken file fails before anything loads
+    if args.max_length is None:  # the text length the LoRA or model was trained with (train.py's export), else 512
+        metas = [open_files([p])[1] for p in (args.lora, args.ckpt) if p and os.path.isfile(p)]
+        args.max_length = next((int(m['max_length']) for m in metas if 'max_length' in m), 512)
     return (*parse_size(args.size), parse_shift(args.shift))
 
 def encode_batches(prompts, args, device, extra=()):

@@ -5,9 +5,9 @@ cd "$(dirname "$0")"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads must not spin
 t0=$SECONDS
 python data/digits/prepare.py
-python train.py config/digits_teacher.py "$@"
+python train.py config/digits_teacher.py --overwrite=True "$@"  # a rerun trains afresh
 t1=$SECONDS
-python train.py config/digits_scfm.py
+python train.py config/digits_scfm.py --overwrite=True
 t2=$SECONDS
 python eval_digits.py --teacher out/digits_teacher/model_ema.safetensors --student out/digits_scfm/model.safetensors \
     --out out/digits_eval

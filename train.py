@@ -37,6 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
+import checks
 import convert_weights
 import scfm
 from data.shards import batch_indices, bucket_schedule, open_buckets, read_samples
@@ -51,7 +52,8 @@ warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a vi
 # I/O
 out_dir = 'out'
 init_from = ''               # a Flux checkpoint (ours/BFL file or diffusers folder); '' = random init
-resume = False               # continue from the latest checkpoint in out_dir
+resume = False               # continue from the latest checkpoint in out_dir (only from out_dirs you trust)
+overwrite = False            # without resume: delete an earlier run's files in out_dir (else it refuses to start)
 export_only = False          # with resume: just export the latest checkpoint's weights and exit
 ckpt_interval = 200          # steps between checkpoints (also one at the end)
 keep_ckpts = 2               # older checkpoints are deleted
@@ -65,6 +67,8 @@ model = 'digits'             # preset name in model.PRESETS
 lora_rank = 0                # 0: train all weights; > 0: frozen base + LoRA of this rank
 lora_alpha = None            # None: alpha = rank
 lora_targets = LORA_ALL      # regex over BFL module names
+lora_layout = 'fused'        # 'fused': one adapter per BFL weight | 'split': one per q/k/v/MLP part (as diffusers)
+lora_init = 'kaiming'        # A's init: 'kaiming' (PEFT's default) | 'gaussian' (std 1/rank, the official script)
 grad_ckpt = False            # per-block activation checkpointing
 compile = False              # torch.compile each block
 # SCFM (defaults = the official code, docs/method.md section 5)
@@ -80,6 +84,7 @@ dyn_shift_prob = 0.0         # chance of the resolution-dependent shift instead 
 guidance_range = (0.0, 7.5)  # per-sample embedded guidance for guidance-distilled models
 ema_fast, ema_slow = 0.99, 0.999  # EMA decays
 ema_reset_every = 0          # > 0: reset both EMAs to the student every N steps (paper: cyclic restarts)
+ema_init = 'student'         # both EMAs start as 'student' (a copy) | 'zero' (the official script)
 near_self = 'fast'           # V_near for self samples: 'fast' (dual EMA) | 'slow' (one EMA: vanilla)
 far_teacher = 'slow'         # V_far for teacher samples: 'slow' (official) | 'teacher' (paper's vanilla Eq. 13)
 # optimizer
@@ -95,13 +100,35 @@ grad_clip = 1.0              # 0 = off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'           # bf16 compute, fp32 master weights (frozen ones bf16), fp32 grad reduction; or 'float32'
+master_dtype = 'float32'     # trainable weights, AdamW state, EMAs; 'bfloat16' (with dtype bf16): the official numerics
 dp_replicate = 1             # > 1: hybrid sharding over a (replicate, shard) mesh
 peak_flops = 989e12          # for MFU; H100/H200 dense bf16
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and
                isinstance(v, (int, float, bool, str, tuple, type(None)))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: globals()[k] for k in config_keys}
+# then checks before any work, each failure one line: options (checks.TRAIN), files, out_dir's lock, resume's checkpoint
+master, world = int(os.environ.get('RANK', 0)) == 0, int(os.environ.get('WORLD_SIZE', 1))
+with checks.one_line_errors():
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    config = {k: globals()[k] for k in config_keys}
+    checks.check_options(config, {**checks.TRAIN, 'model': tuple(PRESETS)})
+    for bad, msg in [(teacher == 'lora_off' and not lora_rank and teacher_ratio > 0, "teacher='lora_off' needs a LoRA "
+                      "(lora_rank > 0); all weights: teacher='copy'"),
+                     (teacher == 'none' and teacher_ratio > 0, "teacher='none' needs teacher_ratio=0"),
+                     (teacher != 'none' and not init_from, f"teacher={teacher!r} needs init_from (a pretrained model)"),
+                     (master_dtype == 'bfloat16' and dtype != 'bfloat16', "master_dtype='bfloat16' needs dtype too"),
+                     (ema_init == 'zero' and not lora_rank, "ema_init='zero' is for LoRA deltas (lora_rank > 0)"),
+                     (world % dp_replicate, f'dp_replicate={dp_replicate} must divide the process count {world}'),
+                     (batch_size % (grad_accum * world), f'batch_size={batch_size} must be a multiple of '
+                      f'grad_accum*world = {grad_accum * world}'),
+                     (export_only and not resume, 'export_only=True exports the latest checkpoint: set resume=True')]:
+        if bad:
+            raise ValueError(msg)
+    cfg = PRESETS[model]
+    init_tensors = convert_weights.read_flux(init_from)[1] if init_from else None  # the headers now, tensors later
+    buckets = open_buckets(data_dir, cfg)  # data/shards.py: the shard format, its checks and the batch order
+    lock = checks.claim_out_dir(out_dir, resume, overwrite, master)  # held until the process ends
+    ckpt, changed = checks.resume_checkpoint(out_dir, config) if resume else (None, {})
 # -----------------------------------------------------------------------------------------------------------------
 
 # distributed: plain `python train.py` is a one-process torchrun, so there is a single code path
@@ -119,23 +146,10 @@ if device_type == 'cuda':
     # cuDNN's attention backward fails on H200s with torch 2.11 / CUDA 13 (pytorch#190321): train with flash attention
     torch.backends.cuda.enable_cudnn_sdp(False)
 dist.init_process_group(backend='cuda:nccl,cpu:gloo' if device_type == 'cuda' else 'gloo')
-master = rank == 0
 print0 = (lambda *args, **kw: print(*args, **kw, flush=True)) if master else (lambda *args, **kw: None)
-if world % dp_replicate:
-    raise ValueError(f'dp_replicate={dp_replicate} must divide the number of processes {world}')
 mesh = (init_device_mesh(device_type, (dp_replicate, world // dp_replicate), mesh_dim_names=('replicate', 'shard'))
         if dp_replicate > 1 else init_device_mesh(device_type, (world,)))
 micro = batch_size // (grad_accum * world)  # samples per rank per micro-step
-if micro * grad_accum * world != batch_size:
-    raise ValueError(f'batch_size={batch_size} must be divisible by grad_accum*world = {grad_accum * world}')
-if teacher == 'lora_off' and not lora_rank and teacher_ratio > 0:
-    raise ValueError("teacher='lora_off' needs lora_rank > 0; use teacher='copy' for full fine-tuning")
-if teacher == 'none' and teacher_ratio > 0:
-    raise ValueError("teacher='none' needs teacher_ratio=0")
-if model not in PRESETS:
-    raise ValueError(f'unknown model preset {model!r}; choose one of {sorted(PRESETS)}')
-cfg = PRESETS[model]
-os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------------------------------------------
 # model: meta-device construction -> fully_shard per block, then the root -> storage -> weights, shard by shard
@@ -143,7 +157,7 @@ os.makedirs(out_dir, exist_ok=True)
 with torch.device('meta'):
     net = Flux(cfg)
     if lora_rank:
-        apply_lora(net, lora_rank, lora_alpha, lora_targets)
+        apply_lora(net, lora_rank, lora_alpha, lora_targets, layout=lora_layout, init=lora_init)
 for name, p in net.named_parameters():
     p.requires_grad_(not lora_rank or '.lora_' in name)
 net.gradient_checkpointing = grad_ckpt
@@ -152,11 +166,12 @@ if compile:
 mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' else {}
 # The root casts the inputs to bf16, the blocks nothing (RoPE stays fp32; a checkpointed block recomputes with its
 # forward's dtypes). Frozen weights (a LoRA's base) live in the compute dtype (no optimizer needs an fp32 master) and,
-# on one process, outside FSDP (sharding over one rank only copies them). Every forward reshards, the root's too: the
-# target passes swap weights into the *sharded* parameters, so no unsharded copy may outlive a forward.
+# on one process, outside FSDP (sharding over one rank only copies them); trainable ones in master_dtype (fp32, or bf16
+# as the official script keeps its LoRA, AdamW state and EMAs). Every forward reshards, the root's too: the target
+# passes swap weights into the *sharded* parameters, so no unsharded copy may outlive a forward.
 frozen = {p for p in net.parameters() if not p.requires_grad}
-for p in frozen:
-    p.data = p.data.to(mixed.get('param_dtype', torch.float32))
+for p in net.parameters():
+    p.data = p.data.to(getattr(torch, master_dtype) if p.requires_grad else mixed.get('param_dtype', torch.float32))
 ignored = frozen if world == 1 else None
 for block in [*net.double_blocks, *net.single_blocks]:
     fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False),
@@ -171,10 +186,7 @@ def initial_weights():
     from scratch, the LoRA factors) from a seeded CPU init that is identical on every rank."""
     base = [n for n in params if '.lora_' not in n]
     if init_from:
-        if not os.path.exists(init_from):
-            raise FileNotFoundError(f'init_from={init_from!r} does not exist')
-        _, tensors = convert_weights.read_flux(init_from)
-        for n, t in tensors:
+        for n, t in init_tensors:
             if n not in params or t.shape != params[n].shape:
                 raise ValueError(f'{init_from}: {n} {tuple(t.shape)} does not fit model {model!r} '
                                  f'({tuple(params[n].shape) if n in params else "no such parameter"})')
@@ -186,7 +198,7 @@ def initial_weights():
     with torch.device('meta' if init_from else 'cpu'):  # with init_from only the LoRA factors need values
         ref = Flux(cfg)
         if lora_rank:
-            apply_lora(ref, lora_rank, lora_alpha, lora_targets)
+            apply_lora(ref, lora_rank, lora_alpha, lora_targets, layout=lora_layout, init=lora_init)
     if not init_from:
         ref.init_weights()
     for m in ref.modules() if init_from else []:
@@ -237,9 +249,14 @@ def weights(which):
 
 @torch.no_grad()
 def update_ema(reset=False):
-    """ema <- decay * ema + (1 - decay) * student, or with reset=True ema <- student (both EMAs)."""
+    """ema <- decay * ema + (1 - decay) * student, or with reset=True ema <- student (both EMAs). fp32 rounds once
+    (lerp); bf16 twice, as the official script's mul_ then add_ (the decay step alone then rounds back to ema)."""
     for ema, decay in ((ema_fast_w, ema_fast), (ema_slow_w, ema_slow)):
-        torch._foreach_lerp_(local(ema), student_w, 1.0 if reset else 1 - decay)
+        if reset or master_dtype == 'float32':
+            torch._foreach_lerp_(local(ema), student_w, 1.0 if reset else 1 - decay)
+        else:  # per tensor: on the CPU, _foreach_mul_ would round the decay itself to bf16
+            for e, w in zip(local(ema), student_w):
+                e.mul_(decay).add_(w, alpha=1 - decay)
 
 optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               foreach=True)
@@ -262,10 +279,6 @@ def train_state():
             'ema_slow': dict(zip(names, ema_slow_w)), 'optim': get_optimizer_state_dict(net, optimizer), 'step': 0,
             **({'teacher': dict(zip(names, teacher_w))} if teacher_w else {})}
 
-def latest_checkpoint():
-    path = os.path.join(out_dir, 'latest')
-    return os.path.join(out_dir, open(path).read().strip()) if os.path.exists(path) else None
-
 def save_checkpoint(step):
     name = f'ckpt_{step:07d}'
     tmp, final = os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name)
@@ -274,11 +287,17 @@ def save_checkpoint(step):
     dist.barrier()
     state = train_state()
     state['step'] = step
-    dcp.save(state, checkpoint_id=tmp)
-    dist.barrier()
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        dist.barrier()
+        if master:
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+                json.dump({'config': config, 'step': step, 'model': dataclasses.asdict(cfg)}, f)
+    except (Exception, dcp.CheckpointException) as e:  # a full disk, no permission: the partial folder goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        raise SystemExit(f'error: cannot write checkpoint {tmp} (removed): {cause!r}') from None
     if master:
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump({'config': config, 'step': step, 'model': dataclasses.asdict(cfg)}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -293,7 +312,7 @@ def save_checkpoint(step):
 
 def load_checkpoint(path):
     state = train_state()
-    dcp.load(state, checkpoint_id=path)  # in place into our (sharded) tensors, resharding if the world size changed
+    checks.trusted_load(state, path)  # dcp.load in place into our (sharded) tensors, resharding to the world size
     set_optimizer_state_dict(net, optimizer, state['optim'])
     return state['step']
 
@@ -303,7 +322,9 @@ def export(step, snapshot=False):
     as <kind>.safetensors and <kind>_ema.safetensors (kind: lora or model), or with snapshot=True the student alone
     as snapshots/<kind>_<step>.safetensors. A LoRA is written by model.lora_state_dict (BFL names + alpha)."""
     kind = 'lora' if lora_rank else 'model'
-    meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step)}
+    # max_length: the data's text tokens (T5 length of data preparation), sample.py's default for this file
+    meta = {'format': 'flux-bfl', 'config': json.dumps(dataclasses.asdict(cfg)), 'step': str(step),
+            'max_length': str(shapes[0][3])}
     for suffix, which in [('', 'student')] + ([] if snapshot else [('_ema', 'slow')]):
         with weights(which):
             sd = lora_state_dict(net) if lora_rank else trainable
@@ -313,31 +334,28 @@ def export(step, snapshot=False):
         if master:
             path = os.path.join(out_dir, 'snapshots', f'{kind}_{step:07d}.safetensors') if snapshot else \
                 os.path.join(out_dir, f'{kind}{suffix}.safetensors')
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            convert_weights.write_dict(path, full, meta)
+            with checks.one_line_errors():  # a full disk: the error names the file, its temporary is removed
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                convert_weights.write_dict(path, full, meta)
             if not snapshot:
                 print0(f'exported {path}')
     dist.barrier()
 
+sizes = [sum(n for _, n in b) for b in buckets]
+shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
 start_step = 0
 if resume:
-    ckpt = latest_checkpoint()
-    if ckpt is None or not os.path.isdir(ckpt):
-        raise FileNotFoundError(f'resume=True but out_dir={out_dir!r} has no checkpoint (no valid "latest" pointer)')
     start_step = load_checkpoint(ckpt)
-    print0(f'resumed from {ckpt} at step {start_step}')
+    print0(f'resumed from {ckpt} at step {start_step}' + (f', with {changed} (then, now)' if changed else ''))
+elif ema_init == 'zero':  # as the official script starts them: the EMA model's LoRA delta B @ A grows from 0
+    torch._foreach_zero_(local(ema_fast_w + ema_slow_w))
 else:
     update_ema(reset=True)  # both EMAs start at the student
 if export_only:
-    if not resume:
-        raise ValueError('export_only=True exports the latest checkpoint: set resume=True too')
     export(start_step)
     dist.destroy_process_group()
     raise SystemExit(0)
 
-buckets = open_buckets(data_dir, cfg)  # data/shards.py: the shard format, its checks and the batch order
-sizes = [sum(n for _, n in b) for b in buckets]
-shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
 for n, (C, H, W, Lt) in zip(sizes, shapes):
     print0(f'data: {n} samples of {C}x{H}x{W} ({(H // 2) * (W // 2)} tokens) + {Lt} text tokens')
 position_ids = {(H, W, Lt): (make_img_ids(H, W, device=device), make_txt_ids(Lt, device=device))
@@ -360,6 +378,8 @@ if wandb_log and master:
 
 near, far = {scfm.TEACHER: 'teacher', scfm.SELF: near_self}, {scfm.TEACHER: far_teacher, scfm.SELF: 'slow'}
 step, t_last = start_step, time.time()
+if snapshot_interval and step == 0:
+    export(0, snapshot=True)  # the initial student: where a quality-vs-step curve starts
 bar = tqdm(total=max_iters, initial=start_step, desc='train', disable=not master, dynamic_ncols=True)
 while step < max_iters:
     for group in optimizer.param_groups:
@@ -392,11 +412,12 @@ while step < max_iters:
     dist.all_reduce(loss_by_role)
     dist.all_reduce(count_by_role)
     loss = (loss_by_role.sum() / batch_size).item()
-    if not math.isfinite(loss):
-        raise FloatingPointError(f'loss is {loss} at step {step}: stopping; nothing was saved at this step, the last '
-                                 f'good checkpoint is {latest_checkpoint() or "(none yet)"}. Lower lr or check the data.')
     grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip if grad_clip > 0 else float('inf'))
     grad_norm = grad_norm.full_tensor().item() if isinstance(grad_norm, DTensor) else grad_norm.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before the step: the weights stay finite
+        raise FloatingPointError(f'loss is {loss}, gradient norm {grad_norm} at step {step}: stopping; nothing was '
+                                 f'saved at this step, the last good checkpoint is {checks.latest_checkpoint(out_dir)}'
+                                 '. Lower lr or check the data.')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_ema()
@@ -421,6 +442,9 @@ while step < max_iters:
         print0(f'step {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in log.items()))
         if wandb_log and master:
             wandb.log(log, step=step)
+        if master:  # the full-precision numbers, one JSON line per logged step (after a resume: the last one counts)
+            with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(dict(step=step, **log)) + '\n')
     if step % ckpt_interval == 0 or step == max_iters:
         save_checkpoint(step)
     if snapshot_interval and step % snapshot_interval == 0:

@@ -24,13 +24,16 @@ def open_buckets(data_dir, cfg):
     return buckets
 
 def open_shard(path, cfg):
-    f = safe_open(path, 'pt')
+    try:
+        f = safe_open(path, 'pt')
+    except Exception as e:  # random bytes, a pickle, an empty or a truncated file
+        raise ValueError(f'{path}: not a safetensors shard ({e})') from None
     if missing := {'x0', 'txt', 'y'} - set(f.keys()):
         raise KeyError(f'{path}: missing tensors {sorted(missing)} (a shard holds x0, txt, y)')
     x, t, y = (f.get_slice(k).get_shape() for k in ('x0', 'txt', 'y'))
-    if len(x) != 4 or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
-        raise ValueError(f'{path}: x0 has shape {tuple(x)}; the model needs (N, {cfg.in_channels // 4}, H, W) with '
-                         f'even H, W (2x2 patches of in_channels={cfg.in_channels})')
+    if len(x) != 4 or not x[0] or x[1] * 4 != cfg.in_channels or x[2] % 2 or x[3] % 2:
+        raise ValueError(f'{path}: x0 has shape {tuple(x)}; the model needs (N > 0, {cfg.in_channels // 4}, H, W) '
+                         f'with even H, W (2x2 patches of in_channels={cfg.in_channels})')
     if t[-1] != cfg.context_in_dim or y[-1] != cfg.vec_in_dim or not x[0] == t[0] == y[0]:
         raise ValueError(f'{path}: txt {tuple(t)} / y {tuple(y)} do not fit the model (context_in_dim='
                          f'{cfg.context_in_dim}, vec_in_dim={cfg.vec_in_dim}) or x0 {tuple(x)}')

@@ -374,12 +374,13 @@ def test_sample_cli_with_trained_lora(tiny, trained):
 
 
 def test_eval_clip_torchrun(tiny, trained):
-    """2 ranks (prompt i on rank i % 2, gathered with all_gather_object), CLIP score + FID against the teacher."""
+    """2 ranks (prompt i on rank i % 2, gathered with all_gather_object), CLIP score + FID against the teacher. No
+    --max_length: the text length comes from the LoRA file (train.py records its data's), LT, not the default 512."""
     import eval_clip
     out = os.path.join(tiny['dir'], 'eval')
     cmd = ['--ckpt', tiny['flux'], '--lora', trained['lora'], '--prompts', tiny['prompts'], '--limit', '3',
            '--steps', '2', '--size', '32x32', '--fid_teacher', '--teacher_steps', '3', '--clip_model',
-           tiny['clip_model'], '--t5', tiny['t5'], '--clip', tiny['clip'], '--ae', tiny['ae'], '--max_length', str(LT),
+           tiny['clip_model'], '--t5', tiny['t5'], '--clip', tiny['clip'], '--ae', tiny['ae'],
            '--out', out, '--dtype', 'float32', '--device', 'cpu', '--name', 'tiny', '--batch', '1']
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'eval_clip.py', *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -387,6 +388,7 @@ def test_eval_clip_torchrun(tiny, trained):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(os.path.join(out, 'results.json')))
     assert res['n'] == 3 and res['world'] == 2 and sorted(map(int, res['per_image'])) == [0, 1, 2]
+    assert res['settings']['max_length'] == LT
     assert 0 <= res['clip_score'] <= 100 and res['fid_teacher'] > 0
     assert open(os.path.join(out, 'results.md')).read().count('| tiny |') == 1
     # prompt 1 (rank 1) recomputed here, in one process: the same score

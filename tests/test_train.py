@@ -1,7 +1,7 @@
 """
 train.py end to end, as subprocesses on tiny models: EMA closed form, 1- vs 2-process parity, resume (same and
-different process count), a crash in the middle of a checkpoint write, a NaN loss, and bad input. Plus the
-configurator as a unit.
+different process count), a crash in the middle of a checkpoint write, a NaN loss. Plus the configurator as a unit
+(bad input, out_dir ownership and resume's safety: tests/test_inputs.py).
 
 The runs are independent processes, so a module fixture starts them all at once (a few at a time, dependents as soon
 as what they resume from has finished) and the tests only wait for the ones they read. Every run uses
@@ -190,7 +190,6 @@ def runs(tmp_path_factory):
     r.add('nan', COMMON + io + LORA + ['--ckpt_interval=1', '--resume=True',
                                        f'--data_dir={write_shards(tmp / "data_inf", fill=float("inf"))}'],
           after='crash', prepare=copy_of(tmp / 'crash'))
-    r.add('nockpt', COMMON + io + LORA + ['--resume=True'])
     # bf16 mixed precision, with and without activation checkpointing
     r.add('bf16', COMMON + io + LORA + ['--dtype=bfloat16', '--ckpt_interval=100'])
     r.add('bf16_ckpt', COMMON + io + LORA + ['--dtype=bfloat16', '--ckpt_interval=100', '--grad_ckpt=True'])
@@ -209,7 +208,6 @@ def runs(tmp_path_factory):
         open(os.path.join(out_dir, 'latest'), 'w').write('ckpt_0000002')
         return {}
     r.add('buckets_resume2', bk + ['--resume=True'], nproc=2, after='buckets', prepare=from_step2)
-    r.add('badshape', COMMON + LORA + [f'--init_from={init}', f'--data_dir={write_shards(tmp / "data3", channels=3)}'])
     r.init = init
     yield r
     r.pool.shutdown(wait=True)
@@ -286,24 +284,14 @@ def test_configurator_rejects_unknown_key_in_file(monkeypatch, tmp_path):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# bad input ends the run with a non-zero exit and a message that names the problem (configuration errors: above,
-# in-process; the exception propagates out of train.py like these)
-
-
-def test_resume_without_checkpoint(runs):
-    r = runs['nockpt']
-    assert r.rc != 0 and 'FileNotFoundError' in r.stderr and 'resume=True' in r.stderr and 'no checkpoint' in r.stderr
-
-
-def test_wrong_latent_shape(runs):
-    r = runs['badshape']
-    assert r.rc != 0 and 'x0 has shape (20, 3, 8, 8)' in r.stderr and "needs (N, 4, H, W)" in r.stderr, r.stderr[-2000:]
+# a non-finite loss stops the run and keeps the last checkpoint
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(runs):
     r = runs['nan']
     assert r.rc != 0
-    assert 'FloatingPointError' in r.stderr and re.search(r'loss is (nan|inf) at step 2', r.stderr), r.stderr[-2000:]
+    assert 'FloatingPointError' in r.stderr, r.stderr[-2000:]
+    assert re.search(r'loss is (nan|inf), gradient norm \S+ at step 2', r.stderr), r.stderr[-2000:]
     assert 'ckpt_0000002' in r.stderr  # the message names the last good checkpoint
     # nothing written: same pointer, same checkpoint files (bytes and mtimes), no new files, no export
     assert open(os.path.join(r.out_dir, 'latest')).read().strip() == r.latest_before == 'ckpt_0000002'
@@ -400,8 +388,8 @@ def test_resume_on_two_processes(runs):
     assert '2 process(es)' in r.stdout and 'ckpt_0000002 at step 2' in r.stdout
     assert_parity(r, runs['lora'].check(), 'lora', [3, 4])
     # keep_ckpts=2 pruned ckpt_0000002; the step-4 save replaced the crash's partial ckpt_0000004.tmp
-    assert sorted(os.listdir(r.out_dir)) == ['ckpt_0000003', 'ckpt_0000004', 'latest', 'lora.safetensors',
-                                             'lora_ema.safetensors']
+    assert sorted(os.listdir(r.out_dir)) == ['ckpt_0000003', 'ckpt_0000004', 'latest', 'lock', 'log.jsonl',
+                                             'lora.safetensors', 'lora_ema.safetensors']
     assert open(os.path.join(r.out_dir, 'latest')).read() == 'ckpt_0000004'
 
 
@@ -444,14 +432,16 @@ def test_hybrid_sharding_parity(runs):
 
 def test_aspect_ratio_buckets(runs):
     """Each step trains on one bucket (both shapes occur), and a resume on 2 processes continues the same run.
-    The same runs check fm_warmup (steps 1-2 all flow matching) and snapshot_interval (the student at steps 3, 6)."""
+    The same runs check fm_warmup (steps 1-2 all flow matching) and snapshot_interval (the student at steps 0, 3, 6)."""
     a, b = runs['buckets'].check(), runs['buckets_resume2'].check()
     logged = re.findall(r'^step \d+: (.*)$', a.stdout, re.M)
     # steps 1-2 are all flow matching, and only the losses of the roles that occur are logged (never a nan)
     assert [('loss_teacher' in m or 'loss_self' in m) for m in logged] == [False, False, True, True, True, True]
     assert all('loss_fm' in m for m in logged[:2]) and 'nan' not in a.stdout, logged
-    assert sorted(os.listdir(os.path.join(a.out_dir, 'snapshots'))) == ['model_0000003.safetensors',
-                                                                       'model_0000006.safetensors']
+    snaps = [f'model_{k:07d}.safetensors' for k in (0, 3, 6)]
+    assert sorted(os.listdir(os.path.join(a.out_dir, 'snapshots'))) == snaps
+    first = load_file(os.path.join(a.out_dir, 'snapshots', 'model_0000000.safetensors'))
+    assert rel_err(first, load_file(runs.init)) == 0  # step 0: the initial weights
     last = load_file(os.path.join(a.out_dir, 'snapshots', 'model_0000006.safetensors'))
     assert rel_err(last, exports(a, 'model')[0]) == 0
     tokens = [int(m) for m in re.findall(r' tokens (\d+) ', a.stdout)]

@@ -47,6 +47,12 @@ def main(argv=None):
     p.add_argument('--per_class', type=int, default=None, help='few-shot: keep the first K train images of each digit')
     p.add_argument('--force', action='store_true', help='rebuild even if the outputs exist')
     args = p.parse_args(argv)
+    for option, ok, want in [('size', args.size >= 2 and args.size % 2 == 0, 'even, >= 2 (2x2 patches)'),
+                             ('limit', (args.limit or 2) >= 2, '>= 2'), ('txt_len', args.txt_len > 0, '> 0'),
+                             ('shard_size', args.shard_size > 0, '> 0'), ('out_dir', not os.path.isfile(args.out_dir),
+                             'a folder, not a file'), ('per_class', (args.per_class or 1) > 0, '> 0')]:
+        if not ok:
+            p.error(f'--{option} {getattr(args, option)!r}: expected {want}')
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, 'meta.json')
     settings = {k: getattr(args, k) for k in ('size', 'txt_len', 'limit', 'seed', 'per_class')}

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 # prepare_teacher first: it puts the repo root on sys.path
 from prepare_teacher import add_common_args, emb_path, pending_chunks
-from convert_weights import load_ae, write_dict
+from checks import CLI, check_options
+from convert_weights import load_ae, read_ae, write_dict
 from sample import run_cli
 
 EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
@@ -48,6 +49,8 @@ def main(argv=None):
     ap.add_argument('--max_ratio', type=float, default=2.0, help='most extreme bucket aspect ratio')
     add_common_args(ap)
     args = ap.parse_args(argv)
+    check_options(vars(args), CLI, '--{} {!r}')
+    read_ae(args.ae)  # its header: a wrong or broken file fails before any work
     if os.path.exists(captions := args.captions or os.path.join(args.images, 'captions.jsonl')):
         with open(captions, encoding='utf-8') as f:
             table = {(r := json.loads(line))['file']: r['text'] for line in f if line.strip()}

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
-from convert_weights import load_ae, load_transformer, write_dict  # noqa: E402
+from checks import CLI, check_options  # noqa: E402
+from convert_weights import load_ae, load_transformer, read_ae, read_flux, write_dict  # noqa: E402
 from sample import (encode_prompts, generate, load_text_encoders, make_noise, parse_shift, parse_size,  # noqa: E402
                     read_prompts, run_cli, to_pil)
 from scfm import get_schedule  # noqa: E402
@@ -76,6 +77,8 @@ def main(argv=None):
     ap.add_argument('--png', action='store_true', help='also save the teacher images (png/XXXXXXXX.png)')
     add_common_args(ap)
     args = ap.parse_args(argv)
+    check_options(vars(args), CLI, '--{} {!r}')
+    read_flux(args.ckpt), read_ae(args.ae)  # their headers: a wrong or broken file fails before any work
     (H, W), shift, prompts = parse_size(args.size), parse_shift(args.shift), read_prompts(args.prompts)
     settings = {k: v for k, v in vars(args).items() if k not in ('device', 'quiet', 'max_chunks')}
     schedule = get_schedule(args.steps, shift, (H // 16) * (W // 16)).tolist()

@@ -46,7 +46,9 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
     for run in sorted(glob.glob(f'{root}/*_s*')):
         strategy, seed = os.path.basename(run).rsplit('_s', 1)
         for path in sorted(glob.glob(f'{run}/snapshots/model_*.safetensors')) if seed in seeds else []:
-            step, net = int(path.rsplit('_', 1)[1].split('.')[0]), load_model(path, teacher)
+            if (step := int(path.rsplit('_', 1)[1].split('.')[0])) == 0:
+                continue  # the teacher itself: the curves start at `start`
+            net = load_model(path, teacher)
             curves.setdefault(strategy, {}).setdefault(step, []).append(mean_score(bed, net, 3, bed['ref']))
     if not curves:
         return []
@@ -100,8 +102,8 @@ def main(argv=None):
     official = {k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors' for k in (
         'lora', 'lora-ema-zero', 'lora-bf16', 'lora-gaussian', 'lora-split', 'lora-clip10', 'lora-official', 'full',
         'full-bf16', 'full-clip10')}
-    sections.append(('official', '### The official FLUX run\'s choices, one at a time\n\n170 SCFM steps; LoRA rank 16 on '
-                     'every linear (lr 1e-3) or all weights (lr 3e-4).', official['lora'],
+    sections.append(('official', '### The official FLUX run\'s choices, one at a time\n\n170 SCFM steps; LoRA rank 16 '
+                     'on every linear (lr 1e-3) or all weights (lr 3e-4).', official['lora'],
                      [(k, runs, (2, 3, 4)) for k, runs in official.items()]))
     for key, title, needs, groups in [section for section in sections if have(section[2])]:
         results[key] = []

@@ -4,7 +4,6 @@ Bad input ends every script before any work, with a non-zero exit and one line n
 The table runs the scripts in this process (train.py's checks run before its process group and model exist); the
 few cases that need a real run are subprocesses of the tiny model.
 """
-import hashlib
 import importlib.util
 import io
 import json
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
+from conftest import random_tiny_flux, snapshot, write_shards
 import checks
 import convert_weights
 import model as M
@@ -53,36 +53,12 @@ class Canary:
         return (open, (self.path, 'w'))
 
 
-def write_shards(folder, n=(20, 12), channels=4):
-    """train*.safetensors shards of x0 (N, C, 8, 8), txt (N, 5, 32), y (N, 32): the 'tiny' preset's shapes."""
-    os.makedirs(folder)
-    for i, k in enumerate(n):
-        save_file({'x0': torch.randn(k, channels, 8, 8), 'txt': torch.randn(k, 5, 32), 'y': torch.randn(k, 32)},
-                  os.path.join(folder, f'train_{i:03d}.safetensors'))
-    return str(folder)
-
-
-def snapshot(folder):
-    """relative path -> (mtime_ns, sha256) of every file under folder."""
-    out = {}
-    for d, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha256(open(p, 'rb').read()).hexdigest())
-    return out
-
-
 @pytest.fixture(scope='module')
 def fx(tmp_path_factory):
     """Tiny valid inputs (a Flux checkpoint, an AE, shards, text-encoder folders, prompts, an image) and bad files."""
     tmp = tmp_path_factory.mktemp('inputs')
-    torch.manual_seed(0)
-    net = M.Flux(M.PRESETS['tiny'])
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
     f = {'init': str(tmp / 'init.safetensors'), 'ae': str(tmp / 'ae.safetensors'), 'canary': str(tmp / 'ran')}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f['init'])
+    random_tiny_flux(f['init'])
     ae = M.AutoEncoder(M.AutoEncoderConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4))  # 32 norm groups
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, f['ae'])
     f['data'] = write_shards(tmp / 'data')

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import random_tiny_flux
 import model as M
 import scfm
 
@@ -235,11 +236,7 @@ def test_plan_flow_matching_share(fm_t):
 
 
 def test_lora_scale_zero_is_base_model():
-    torch.manual_seed(0)
-    net = M.Flux(M.PRESETS['tiny'])
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = random_tiny_flux()
     B, H, W, Lt = 3, 8, 8, 5
     img = M.pack(torch.randn(B, 4, H, W))
     args = (img, M.make_img_ids(H, W), torch.randn(B, Lt, 32), M.make_txt_ids(Lt), torch.rand(B), torch.randn(B, 32),

@@ -7,7 +7,6 @@ The runs are independent processes, so a module fixture starts them all at once 
 as what they resume from has finished) and the tests only wait for the ones they read. Every run uses
 OMP_NUM_THREADS=1: results are then bit-reproducible, and parallel runs do not fight over the 2 cores.
 """
-import hashlib
 import os
 import re
 import shutil
@@ -19,10 +18,10 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import model as M
+from conftest import random_tiny_flux, snapshot, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -125,39 +124,11 @@ class Runs:
                 self.cond.notify_all()
 
 
-def write_shards(folder, n=(20, 12), channels=4, fill=None, seed=0, hw=(8, 8)):
-    """Two train*.safetensors shards of x0 (N, C, 8, 8), txt (N, 5, 32), y (N, 32): the 'tiny' preset's shapes."""
-    os.makedirs(folder, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    for i, k in enumerate(n):
-        x0 = torch.randn(k, channels, *hw, generator=gen)
-        if fill is not None:
-            x0.fill_(fill)
-        save_file({'x0': x0, 'txt': torch.randn(k, 5, 32, generator=gen), 'y': torch.randn(k, 32, generator=gen)},
-                  os.path.join(folder, f'train_{i:03d}.safetensors'))
-    return str(folder)
-
-
-def snapshot(folder):
-    """name -> (mtime_ns, sha256) of every file in a folder."""
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        p = os.path.join(folder, f)
-        out[f] = (os.stat(p).st_mtime_ns, hashlib.sha256(open(p, 'rb').read()).hexdigest())
-    return out
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('train')
-    # a random-weight base model (large weights, so the LoRA has something to distil) and random data
-    torch.manual_seed(0)
-    net = M.Flux(M.PRESETS['tiny'])
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
     init = str(tmp / 'init.safetensors')
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, init)
+    random_tiny_flux(init)  # and random data
     data = write_shards(tmp / 'data')
     io = [f'--init_from={init}', f'--data_dir={data}']
     (tmp / 'crash.py').write_text(CRASH_WRAPPER.format(root=ROOT, train=TRAIN))

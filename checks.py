@@ -61,8 +61,15 @@ def one_line_errors():
         sys.exit(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}')
 
 # ---- train.py's out_dir: one run at a time, no earlier run overwritten, resume unpickles only plain data
-def claim_out_dir(out_dir, resume, overwrite, master):
-    """Makes out_dir, locked by rank 0 (out_dir/lock names the holder); an earlier run's files refuse, or go."""
+CKPT = re.compile(r'ckpt_(\d+)')  # a checkpoint folder: its step in the name
+
+def checkpoints(out_dir):
+    """The ckpt_<step> folder names of out_dir (complete or not), oldest first by step."""
+    return sorted(filter(CKPT.fullmatch, os.listdir(out_dir)), key=lambda n: int(CKPT.fullmatch(n)[1]))
+
+def claim_out_dir(out_dir, resume, overwrite, master, inputs=()):
+    """Makes out_dir, locked by rank 0 (out_dir/lock names the holder); an earlier run's files refuse, or go (never
+    one of `inputs`, the files the run reads)."""
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, 'lock'), 'a+') if master else None  # also the probe that out_dir is writable
     try:
@@ -70,13 +77,22 @@ def claim_out_dir(out_dir, resume, overwrite, master):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise ValueError(f'out_dir={out_dir!r} is in use by another run ({open(lock.name).read().strip()})') from None
+    except OSError as e:  # a file system without locks
+        raise OSError(f'{lock.name}: cannot lock the out_dir ({e.strerror})') from None
     run = re.compile(r'latest|log\.jsonl|snapshots|ckpt_\d+(\.tmp)?|(lora|model)(_ema)?\.safetensors')  # its files
     found = sorted(filter(run.fullmatch, os.listdir(out_dir)))
     if found and not resume and not overwrite:
         raise ValueError(f'out_dir={out_dir!r} holds an earlier run ({", ".join(found[:5])}): resume=True continues '
                          'it, overwrite=True deletes it and starts afresh, or use another out_dir')
+    read = {os.path.realpath(f) for f in inputs if f}
+    if not resume and (hit := [f for f in found if any(r.startswith(os.path.realpath(os.path.join(out_dir, f)))
+                                                       for r in read)]):
+        raise ValueError(f'out_dir={out_dir!r}: overwrite=True would delete {hit[0]}, which this run reads')
     for f in found if master and not resume else []:
-        shutil.rmtree(p) if os.path.isdir(p := os.path.join(out_dir, f)) else os.remove(p)
+        if os.path.isdir(p := os.path.join(out_dir, f)):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
     if lock:
         lock.truncate(0)
         print(f'pid {os.getpid()} on {os.uname().nodename}', file=lock, flush=True)
@@ -84,24 +100,38 @@ def claim_out_dir(out_dir, resume, overwrite, master):
 
 def latest_checkpoint(out_dir):
     """The complete ckpt_<step> folder of out_dir that out_dir/latest names, else the newest one, else None."""
-    complete = lambda n: re.fullmatch(r'ckpt_\d+', n) and os.path.isfile(os.path.join(out_dir, n, 'meta.json'))
+    complete = lambda n: CKPT.fullmatch(n) and os.path.isfile(os.path.join(out_dir, n, 'meta.json'))
     name = open(p, errors='replace').read().strip() if os.path.isfile(p := os.path.join(out_dir, 'latest')) else ''
-    name = name if complete(name) else max(filter(complete, os.listdir(out_dir)), default=None)
+    name = name if complete(name) else ([None] + list(filter(complete, checkpoints(out_dir))))[-1]
     return name and os.path.join(out_dir, name)
 
-def resume_checkpoint(out_dir, config):
-    """-> (the checkpoint, {option: (then, now)} of the changed options); a crafted .metadata fails here, harmless."""
+def resume_checkpoint(out_dir, config, fixed=()):
+    """-> (the checkpoint, {option: (then, now)} of the changed options, run control aside); a crafted .metadata
+    fails here, harmless; a changed option of `fixed` (what the checkpoint's tensors depend on) refuses."""
     if (ckpt := latest_checkpoint(out_dir)) is None:
         raise FileNotFoundError(f'resume=True but out_dir={out_dir!r} has no checkpoint')
     read_metadata(os.path.join(ckpt, '.metadata'))
-    then, now = json.load(open(os.path.join(ckpt, 'meta.json')))['config'], json.loads(json.dumps(config))
-    return ckpt, {k: (then[k], now[k]) for k in sorted(then.keys() & now.keys()) if then[k] != now[k]}
+    with open(os.path.join(ckpt, 'meta.json')) as f:
+        then, now = json.load(f)['config'], json.loads(json.dumps(config))
+    changed = {k: (then[k], now[k]) for k in sorted(then.keys() & now.keys() - {'resume', 'overwrite', 'export_only'})
+               if then[k] != now[k]}
+    if bad := sorted(changed.keys() & set(fixed)):
+        raise ValueError(f'{ckpt} was written with {bad[0]}={changed[bad[0]][0]!r}, not {changed[bad[0]][1]!r}: '
+                         'resume under the same setting, or start another out_dir')
+    return ckpt, changed
 
 _METADATA, _SAFE = 'torch.distributed.checkpoint.metadata', {  # the types in a .metadata: _METADATA's and these
     'torch.Size', 'torch.serialization._get_layout', 'torch.distributed.checkpoint.filesystem._StorageInfo',
     'pathlib.PosixPath', 'pathlib._local.PosixPath'}
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be checked
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: lambda self: self.load_build()}
+
+    def load_build(self):  # setting attributes of a class or function would change it for the whole process
+        if isinstance(self.stack[-2], type) or callable(self.stack[-2]):
+            raise pickle.UnpicklingError(f'BUILD on {self.stack[-2]!r}')
+        super().load_build()
+
     def find_class(self, module, name):  # dcp's metadata classes and what they hold; no other module is imported
         obj = getattr(__import__(module, fromlist=['_']), name, None) if module in ('torch', _METADATA) else None
         if f'{module}.{name}' in _SAFE or isinstance(obj, torch.dtype) or getattr(obj, '__module__', 0) == _METADATA:
@@ -110,8 +140,15 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(path):
     """A dcp .metadata file: a pickle (a plain load of a crafted one runs its code), of the metadata types only."""
+    from torch.distributed.checkpoint.metadata import Metadata
     try:
-        return _MetadataUnpickler(open(path, 'rb')).load()
+        with open(path, 'rb') as f:
+            md = _MetadataUnpickler(f).load()
+        if type(md) is not Metadata:
+            raise pickle.UnpicklingError(f'a {type(md).__name__}, not a Metadata')
+        return md
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path}: missing; the checkpoint is incomplete') from None
     except Exception as e:
         raise ValueError(f'{path}: not checkpoint metadata ({e}); resume only from out_dirs you trust') from None
 

@@ -216,7 +216,7 @@ def infer_flux_config(shapes, hint=None):
         vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
         hidden_size=hidden, mlp_ratio=mlp / hidden, num_heads=hidden // head_dim, depth=depth,
         depth_single_blocks=single, axes_dim=tuple(axes), theta=hint.get("theta") or 10_000,
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
+        guidance_embed="guidance_in.in_layer.weight" in shapes, step_embed="step_in.in_layer.weight" in shapes,
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes if depth else True)
 
 def infer_ae_config(shapes, hint=None):
@@ -348,8 +348,9 @@ def _diffusers_config(cfg):
                     up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=cfg.num_res_blocks, use_quant_conv=False,
                     latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scale_factor,
                     shift_factor=cfg.shift_factor, use_post_quant_conv=False, mid_block_add_attention=True)
-    if cfg.mlp_ratio != 4.0 or not cfg.qkv_bias:
-        raise ConvertError(f"diffusers FluxTransformer2DModel hard-codes mlp_ratio 4 and qkv bias; config {cfg}")
+    if cfg.mlp_ratio != 4.0 or not cfg.qkv_bias or cfg.step_embed:
+        raise ConvertError(f"diffusers FluxTransformer2DModel hard-codes mlp_ratio 4 and qkv bias, and has no "
+                           f"step-size input (step_embed); config {cfg}")
     return dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=cfg.in_channels,
                 out_channels=cfg.out_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
                 attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
@@ -406,7 +407,7 @@ def load_lora(path):
     for m, (n, op, got) in parts.items():
         A, B = {}, {}
         for name, (a, b, alpha) in got.items():
-            if a is None or b is None or a.shape[0] % b.shape[1]:
+            if a is None or b is None or (a.shape[0] % b.shape[1] if fmt == "lora-ours" else a.shape[0] != b.shape[1]):
                 raise ConvertError(f"{path}: LoRA module {name!r} needs lora_A (r, in) and lora_B (out, r), found "
                                    f"{[None if t is None else tuple(t.shape) for t in (a, b)]}")
             alpha = float(b.shape[1] if alpha is None else alpha)

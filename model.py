@@ -31,6 +31,7 @@ class FluxConfig:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True    # FLUX.1-dev is guidance-distilled; schnell is not
+    step_embed: bool = False       # a shortcut model's step-size input d, in t units (not in Flux checkpoints)
 
 PRESETS = {
     'flux-dev': FluxConfig(),
@@ -84,8 +85,8 @@ def add_linear(out, x, weight, alpha):
 
 class Linear(nn.Linear):
     # BFL fuses q, k, v (single blocks: and the MLP input) into one weight; `parts` are its row blocks, each its own
-    # matmul: the same numbers as one wide product split afterwards, with contiguous outputs (3% faster float32 forward
-    # on a 2-core CPU), and what lets a split-layout LoRA give each part its own adapter
+    # matmul (forward returns a list): the same numbers as one wide product split afterwards but contiguous outputs
+    # for RoPE and attention, and what lets a split-layout LoRA give each part its own adapter
     def __init__(self, in_features, out_features, bias=True, parts=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.parts = parts
@@ -225,6 +226,7 @@ class Flux(nn.Module):
         self.time_in = MLPEmbedder(256, c.hidden_size)
         self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
         self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
+        self.step_in = MLPEmbedder(256, c.hidden_size) if c.step_embed else None
         self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.qkv_bias)
                                            for _ in range(c.depth))
@@ -248,10 +250,12 @@ class Flux(nn.Module):
         last = self.final_layer
         for m in [m.lin for m in self.modules() if isinstance(m, Modulation)] + [last.adaLN_modulation[1], last.linear]:
             nn.init.zeros_(m.weight)  # every adaLN modulation and the output projection
+        if self.step_in is not None:  # the step-size input starts at zero: a model initialised from a flow is that flow
+            nn.init.zeros_(self.step_in.out_layer.weight)
         nn.init.normal_(self.time_in.in_layer.weight, std=0.02)  # small embedder init, as in DiT
         nn.init.normal_(self.time_in.out_layer.weight, std=0.02)
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, step=None):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f'img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}')
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
@@ -259,6 +263,10 @@ class Flux(nn.Module):
             if guidance is None:
                 raise ValueError('this model is guidance-distilled (guidance_embed=True): pass guidance')
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        if self.step_in is not None:
+            if step is None:
+                raise ValueError('this model has a step-size input (step_embed=True): pass step')
+            vec = vec + self.step_in(timestep_embedding(step, 256).to(img.dtype))
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         pe = self.pos_embed(txt_ids, img_ids, img.shape[0])

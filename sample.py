@@ -21,15 +21,18 @@ from convert_weights import load_ae, load_transformer, open_files, read_ae, read
 from scfm import get_schedule
 
 @torch.no_grad()
-def denoise(net, x, img_ids, txt, txt_ids, y, timesteps, guidance=None):
+def denoise(net, x, img_ids, txt, txt_ids, y, timesteps, guidance=None, step_embed=False):
     """Euler from timesteps[0] to timesteps[-1] on packed tokens x (B, L, C); net has model.Flux's signature.
-    guidance: None (a model without guidance_embed), a float, or a (B,) tensor of embedded guidance values."""
+    guidance: None (a model without guidance_embed), a float, or a (B,) tensor of embedded guidance values.
+    step_embed: net is a shortcut model, also given each step's size t_cur - t_next."""
     B = x.shape[0]
+    full = lambda v: torch.full((B,), float(v), device=x.device, dtype=x.dtype)
     if guidance is not None and not torch.is_tensor(guidance):
-        guidance = torch.full((B,), float(guidance), device=x.device, dtype=x.dtype)
+        guidance = full(guidance)
     ts = [float(t) for t in timesteps]
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        v = net(x, img_ids, txt, txt_ids, torch.full((B,), t_cur, device=x.device, dtype=x.dtype), y, guidance=guidance)
+        step = {'step': full(t_cur - t_next)} if step_embed else {}
+        v = net(x, img_ids, txt, txt_ids, full(t_cur), y, guidance=guidance, **step)
         x = x + (t_next - t_cur) * v
     return x
 
@@ -92,10 +95,11 @@ def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, n
         txt, y = torch.cat([txt, neg_txt.expand_as(txt)]), torch.cat([y, neg_y.expand_as(y)])
     txt, y = txt.to(p.device, p.dtype), y.to(p.device, p.dtype)
 
-    def velocity(x, img_ids, txt, txt_ids, t, y, guidance=None):
+    def velocity(x, img_ids, txt, txt_ids, t, y, guidance=None, step=None):
         n = 2 if use_cfg else 1
-        g = None if guidance is None else guidance.repeat(n).to(p.dtype)
-        v = net(x.to(p.dtype).repeat(n, 1, 1), img_ids, txt, txt_ids, t.repeat(n).to(p.dtype), y, guidance=g).float()
+        g, d = (None if v is None else v.repeat(n).to(p.dtype) for v in (guidance, step))
+        v = net(x.to(p.dtype).repeat(n, 1, 1), img_ids, txt, txt_ids, t.repeat(n).to(p.dtype), y, guidance=g,
+                step=d).float()
         if use_cfg:
             v, v_neg = v.chunk(2)
             v = v_neg + true_cfg * (v - v_neg)
@@ -103,7 +107,7 @@ def generate(net, ae, txt, y, noise, steps, shift, guidance=3.5, true_cfg=1.0, n
 
     guidance = guidance if net.config.guidance_embed else None
     z = model.unpack(denoise(velocity, model.pack(noise.to(p.device, torch.float32)), img_ids, txt, txt_ids, y, ts,
-                             guidance=guidance), h, w)
+                             guidance=guidance, step_embed=net.config.step_embed), h, w)
     if ae is None:
         return z
     img = (ae.decode(z.to(next(ae.parameters()).dtype)).float() / 2 + 0.5).clamp(0, 1)  # diffusers' postprocess

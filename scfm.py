@@ -54,28 +54,35 @@ def plan(gen, batch_size, img_tokens, fm_ratio=0.0, teacher_ratio=0.4, teacher_s
     guidance = guidance_range[0] + (guidance_range[1] - guidance_range[0]) * torch.rand(B, generator=gen)
     return dict(role=role, t=t0.float(), d0=(t0 - t1).float(), d1=(t1 - t2).float(), n=n.long(), guidance=guidance)
 
+def step_sizes(role, d0, d1, smallest):
+    """A shortcut model's (Frans et al. 2025) step-size input per sample for (V_near, V_far, student): d0, d1 and
+    the window d0 + d1; flow matching learns the smallest step. With d0 = d1 = d (shift 1, 2^k-step grids) the window
+    target is the self-consistency s(x_t, t, 2d) = 1/2 s(x_t, t, d) + 1/2 s(x_t - d s(x_t, t, d), t - d, d)."""
+    return d0, d1, torch.where(role == FM, smallest, d0 + d1)
+
 @torch.no_grad()
-def target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(), active=(True, True, True)):
+def target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(), active=(True, True, True), steps=()):
     """The regression target per sample (docs/method.md, section 2), one no-grad pass per weight set:
         FM samples:      eps - x0
         window samples:  (d0 * V_near(x_t, t) + d1 * V_far(x_t - d0 * V_near, t - d0)) / (d0 + d1)
     velocity(which, x, t, *cond) runs weight set `which` on a subset of the samples (cond: per-sample tensors such
     as the text embeddings, sliced alike); near and far map a role (TEACHER, SELF) to the weight set of its V_near
     and V_far. active[r] says whether role r occurs anywhere in the global micro-batch (FSDP forwards are collective:
-    every rank makes the same calls, possibly on zero samples). Returns (x_t, target)."""
+    every rank makes the same calls, possibly on zero samples). steps: () or a shortcut model's step_sizes, passed after
+    cond. Returns (x_t, target)."""
     te = lambda v: v.view(-1, *[1] * (x0.ndim - 1))
 
-    def run(weights_of, x, t):  # x, t -> v, one call per weight set over the samples of the roles that use it
+    def run(weights_of, x, t, *step):  # x, t -> v, one call per weight set over the samples of the roles that use it
         v = torch.zeros_like(x0)
         for which in dict.fromkeys(weights_of.values()):
             roles = [r for r, w in weights_of.items() if w == which and active[r]]
             if roles:
                 idx = torch.isin(role, torch.tensor(roles, device=role.device)).nonzero()[:, 0]
-                v[idx] = velocity(which, x[idx], t[idx], *(c[idx] for c in cond))
+                v[idx] = velocity(which, x[idx], t[idx], *(c[idx] for c in (*cond, *step)))
         return v
 
     x_t = (1 - te(t)) * x0 + te(t) * eps
-    v_near = run(near, x_t, t)
-    v_far = run(far, x_t - te(d0) * v_near, t - d0)
+    v_near = run(near, x_t, t, *steps[:1])
+    v_far = run(far, x_t - te(d0) * v_near, t - d0, *steps[1:2])
     window = (te(d0) * v_near + te(d1) * v_far) / te(d0 + d1)
     return x_t, torch.where(te(role) == FM, eps - x0, window)

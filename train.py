@@ -1,10 +1,10 @@
 """
 SCFM self-distillation (and plain flow matching) for Flux-architecture DiTs: one loop, top to bottom.
 
-    torchrun --standalone --nproc_per_node=8 train.py config/flux3.py            # 8 GPUs, FLUX.1-dev, LoRA
-    python train.py config/flux3.py --batch_size=4 --grad_accum=4                 # 1 GPU
+    python train.py config/flux3.py                                               # 1 GPU, FLUX.1-dev, LoRA
+    torchrun --standalone --nproc_per_node=8 train.py config/flux3.py            # 8 GPUs
     python train.py config/digits_scfm.py                                         # the CPU testbed
-    torchrun --nnodes=2 ... train.py config/flux3.py --dp_replicate=2    # nodes: replicate across, shard within
+    torchrun --nnodes=2 ... train.py config/flux3.py --dp_replicate=2 --batch_size=16  # replicate across nodes
 
 One network, several weight sets. The student is the network's trainable weights (a LoRA, or all weights). The
 targets come from the same network with other weights swapped in place on the local shards (no communication, no
@@ -64,6 +64,7 @@ wandb_log, wandb_project, wandb_run_name = False, 'scfm', 'run'
 data_dir = 'data/digits'
 # model
 model = 'digits'             # preset name in model.PRESETS
+step_embed = False           # a shortcut model: the preset plus a step-size input (scfm.step_sizes)
 lora_rank = 0                # 0: train all weights; > 0: frozen base + LoRA of this rank
 lora_alpha = None            # None: alpha = rank
 lora_targets = LORA_ALL      # regex over BFL module names
@@ -107,10 +108,10 @@ seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and
                isinstance(v, (int, float, bool, str, tuple, type(None)))]
 # then checks before any work, each failure one line: options (checks.TRAIN), files, out_dir's lock, resume's checkpoint
-master, world = int(os.environ.get('RANK', 0)) == 0, int(os.environ.get('WORLD_SIZE', 1))
 with checks.one_line_errors():
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     config = {k: globals()[k] for k in config_keys}
+    master, world = int(os.environ.get('RANK', 0)) == 0, int(os.environ.get('WORLD_SIZE', 1))
     checks.check_options(config, {**checks.TRAIN, 'model': tuple(PRESETS)})
     for bad, msg in [(teacher == 'lora_off' and not lora_rank and teacher_ratio > 0, "teacher='lora_off' needs a LoRA "
                       "(lora_rank > 0); all weights: teacher='copy'"),
@@ -121,14 +122,16 @@ with checks.one_line_errors():
                      (world % dp_replicate, f'dp_replicate={dp_replicate} must divide the process count {world}'),
                      (batch_size % (grad_accum * world), f'batch_size={batch_size} must be a multiple of '
                       f'grad_accum*world = {grad_accum * world}'),
+                     (step_embed and lora_rank, 'step_embed=True trains a new input: all weights (lora_rank=0)'),
                      (export_only and not resume, 'export_only=True exports the latest checkpoint: set resume=True')]:
         if bad:
             raise ValueError(msg)
-    cfg = PRESETS[model]
+    cfg = dataclasses.replace(PRESETS[model], step_embed=step_embed)
     init_tensors = convert_weights.read_flux(init_from)[1] if init_from else None  # the headers now, tensors later
     buckets = open_buckets(data_dir, cfg)  # data/shards.py: the shard format, its checks and the batch order
-    lock = checks.claim_out_dir(out_dir, resume, overwrite, master)  # held until the process ends
-    ckpt, changed = checks.resume_checkpoint(out_dir, config) if resume else (None, {})
+    lock = checks.claim_out_dir(out_dir, resume, overwrite, master, (init_from, data_dir))  # held until the end
+    fixed = ('model', 'step_embed', 'lora_rank', 'lora_targets', 'lora_layout', 'teacher', 'master_dtype')
+    ckpt, changed = checks.resume_checkpoint(out_dir, config, fixed) if resume else (None, {})
 # -----------------------------------------------------------------------------------------------------------------
 
 # distributed: plain `python train.py` is a one-process torchrun, so there is a single code path
@@ -192,15 +195,17 @@ def initial_weights():
                                  f'({tuple(params[n].shape) if n in params else "no such parameter"})')
             base.remove(n)
             yield n, t
-        if base:
-            raise KeyError(f'{init_from}: does not fit model {model!r}: missing {base[:5]}')
+        if missing := [n for n in base if not n.startswith('step_in.')]:
+            raise KeyError(f'{init_from}: does not fit model {model!r}: missing {missing[:5]}')
     torch.manual_seed(seed)
     with torch.device('meta' if init_from else 'cpu'):  # with init_from only the LoRA factors need values
         ref = Flux(cfg)
         if lora_rank:
             apply_lora(ref, lora_rank, lora_alpha, lora_targets, layout=lora_layout, init=lora_init)
-    if not init_from:
-        ref.init_weights()
+    if init_from and base:  # and a new step-size input, whose zero output leaves the model init_from's flow
+        ref.step_in.to_empty(device='cpu')
+    if not init_from or base:
+        ref.init_weights()  # a no-op on the parts left on the meta device
     for m in ref.modules() if init_from else []:
         if isinstance(m, LoRALinear):
             m.lora_A, m.lora_B = (torch.nn.Parameter(torch.empty(p.shape)) for p in (m.lora_A, m.lora_B))
@@ -305,7 +310,7 @@ def save_checkpoint(step):
             f.write(name)
         os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
         # prune older checkpoints, never the one just written (a stale newer one may exist after a crash)
-        old = sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_') and not d.endswith('.tmp') and d != name)
+        old = [d for d in checks.checkpoints(out_dir) if d != name]
         for d in old[:max(0, len(old) - (keep_ckpts - 1))] if keep_ckpts > 0 else []:
             shutil.rmtree(os.path.join(out_dir, d))
     dist.barrier()
@@ -365,11 +370,11 @@ bucket_of, pos_of = bucket_schedule(sizes, max_iters, seed)  # a whole batch com
 # -----------------------------------------------------------------------------------------------------------------
 # the SCFM step
 
-def velocity(which, x, t, txt, y, guidance):
-    """The network's velocity under weight set `which` on latents x (B, C, H, W) at times t, in fp32."""
+def velocity(which, x, t, txt, y, guidance, step=None):
+    """The network's velocity under weight set `which` on latents x (B, C, H, W) at times t (and step), in fp32."""
     img_ids, txt_ids = position_ids[(*x.shape[-2:], txt.shape[1])]
     with weights(which):
-        v = net(pack(x), img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
+        v = net(pack(x), img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None, step)
     return unpack(v.float(), *x.shape[-2:])
 
 if wandb_log and master:
@@ -403,9 +408,11 @@ while step < max_iters:
         role, t, d0, d1, g = (plan[n][mb].to(device) for n in ('role', 't', 'd0', 'd1', 'guidance'))
         global_roles = plan['role'].view(grad_accum, world * micro)[k]
         active = [bool((global_roles == r).any()) for r in range(len(scfm.ROLES))]  # the same on every rank
-        x_t, target = scfm.target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(txt, y, g), active=active)
+        steps = scfm.step_sizes(role, d0, d1, 1 / max(self_steps)) if step_embed else ()  # fm: the finest grid's
+        x_t, target = scfm.target(velocity, x0, eps, role, t, d0, d1, near, far, cond=(txt, y, g), active=active,
+                                  steps=steps)
         net.set_requires_gradient_sync(k == grad_accum - 1)  # reduce-scatter gradients only once per step
-        per_sample = ((velocity('student', x_t, t, txt, y, g) - target) ** 2).mean((1, 2, 3))
+        per_sample = ((velocity('student', x_t, t, txt, y, g, *steps[2:]) - target) ** 2).mean((1, 2, 3))
         (per_sample.mean() / grad_accum).backward()
         loss_by_role.index_add_(0, role, per_sample.detach().double())
         count_by_role += torch.bincount(role, minlength=len(scfm.ROLES))
@@ -416,8 +423,8 @@ while step < max_iters:
     grad_norm = grad_norm.full_tensor().item() if isinstance(grad_norm, DTensor) else grad_norm.item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before the step: the weights stay finite
         raise FloatingPointError(f'loss is {loss}, gradient norm {grad_norm} at step {step}: stopping; nothing was '
-                                 f'saved at this step, the last good checkpoint is {checks.latest_checkpoint(out_dir)}'
-                                 '. Lower lr or check the data.')
+                                 f'saved at this step, the last good checkpoint is '
+                                 f'{checks.latest_checkpoint(out_dir) or "(none yet)"}. Lower lr or check the data.')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_ema()

@@ -168,6 +168,7 @@ CASES = [  # (script, arguments, words the message must hold); {name} is a file 
     ('train', ['--export_only=True'], ['export_only', 'resume=True']),
     ('train', ['--master_dtype=bfloat16', '--dtype=float32'], ['master_dtype', 'dtype']),
     ('train', ['--ema_init=zero', '--lora_rank=0', '--teacher=copy'], ['ema_init', 'lora_rank']),
+    ('train', ['--step_embed=True'], ['step_embed', 'lora_rank=0']),
     ('train', ['--no_such_key=1'], ['unknown config key', 'no_such_key']),
     ('train', ['--max_iters=abc'], ['max_iters', 'expects int']),
     # train.py: files
@@ -300,7 +301,38 @@ def test_latest_pointer_and_resumed_config(first_run, tmp_path, monkeypatch):
     args = [*first_run['args'], f'--out_dir={out}', '--resume=True', '--lr=2e-3', '--max_iters=40']
     assert run_train(args, monkeypatch) == 'CHECKS PASSED'
     config = dict(json.load(open(os.path.join(out, 'ckpt_0000030', 'meta.json')))['config'], lr=2e-3, max_iters=40)
-    assert checks.resume_checkpoint(out, config)[1] == {'lr': (1e-3, 2e-3), 'max_iters': (30, 40)}
+    assert checks.resume_checkpoint(out, dict(config, resume=True))[1] == {'lr': (1e-3, 2e-3), 'max_iters': (30, 40)}
+    # what the saved tensors depend on may not change: one line, before dcp would fail on shapes
+    shutil.copytree(first_run['out'], out3 := str(tmp_path / 'run3'))  # (this process holds out's lock now)
+    msg = run_train([*args, f'--out_dir={out3}', '--lora_layout=split'], monkeypatch)
+    assert "ckpt_0000030 was written with lora_layout='fused', not 'split'" in msg, msg
+
+
+def test_overwrite_keeps_what_the_run_reads_and_pruning_keeps_other_folders(fx, tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    os.makedirs(out / 'snapshots')
+    init = str(out / 'snapshots' / 'model_0000000.safetensors')
+    shutil.copy(fx['init'], init)
+    msg = run_train([*RUN, f'--init_from={init}', f'--data_dir={fx["data"]}', f'--out_dir={out}', '--overwrite=True'],
+                    monkeypatch)
+    assert 'would delete snapshots, which this run reads' in msg and os.path.exists(init), msg
+    os.makedirs(out / 'ckpt_0000400_keep')  # a user's copy: not a checkpoint folder
+    for n in (9, 10, 100):
+        os.makedirs(out / f'ckpt_{n}')
+    assert checks.checkpoints(str(out)) == ['ckpt_9', 'ckpt_10', 'ckpt_100']  # by step, not by name
+
+
+def test_metadata_may_not_patch_a_class(tmp_path):
+    """pickle's BUILD on an admitted class would set its attributes for the whole process: refused."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    crafted = (b'\x80\x04c' + b'torch.distributed.checkpoint.metadata\nMetadata\n' +
+               b'}X\x08\x00\x00\x00__init__ctorch\nSize\nsb.')  # Metadata.__init__ = torch.Size
+    path = tmp_path / '.metadata'
+    path.write_bytes(crafted)
+    init = Metadata.__init__
+    with pytest.raises(ValueError, match='BUILD on'):
+        checks.read_metadata(str(path))
+    assert Metadata.__init__ is init
 
 
 def fake_checkpoint(out_dir, metadata):

@@ -306,16 +306,14 @@ def open_checkpoint(path):
                            "an AE (encoder.down.* / encoder.down_blocks.*) or a LoRA (*.lora_A.weight, *.lora_down.*)")
     return fmt, src, hint
 
-def read_flux(path, dtype=None):
+def read_flux(path, dtype=None, formats=("bfl", "diffusers")):
     """Our/BFL transformer file or a diffusers folder -> (FluxConfig, iterator of (BFL name, tensor) in model order,
     read one tensor group at a time). Floating tensors are cast to dtype unless it is None."""
-    _, src, plan, cfg = checkpoint_plan(path, ("bfl", "diffusers"))
+    _, src, plan, cfg = checkpoint_plan(path, formats)
     return cfg, run_plan(plan, partial(_get, src), dtype)
 
-def read_ae(path, dtype=None):
-    """Our/BFL ae.safetensors or a diffusers vae folder -> (AutoEncoderConfig, iterator of (BFL name, tensor))."""
-    _, src, plan, cfg = checkpoint_plan(path, ("bfl-ae", "diffusers-vae"))
-    return cfg, run_plan(plan, partial(_get, src), dtype)
+# our/BFL ae.safetensors or a diffusers vae folder -> (AutoEncoderConfig, iterator of (BFL name, tensor))
+read_ae = partial(read_flux, formats=("bfl-ae", "diffusers-vae"))
 
 def _build(cls, cfg, tensors, device):  # built on the meta device, each tensor assigned as it is read
     with torch.device("meta"):

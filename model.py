@@ -140,7 +140,7 @@ class Modulation(nn.Module):
 class AttentionProjections(nn.Module):  # q, k, v and the output projection; the blocks attend jointly
     def __init__(self, dim, num_heads, qkv_bias):
         super().__init__()
-        self.num_heads, self.dim = num_heads, dim
+        self.num_heads = num_heads
         self.qkv = Linear(dim, dim * 3, qkv_bias, parts=[dim] * 3)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
@@ -164,7 +164,6 @@ class DoubleStreamBlock(nn.Module):
     # image and text tokens keep separate weights but attend jointly (text first)
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias):
         super().__init__()
-        self.num_heads = num_heads
         hidden = int(dim * mlp_ratio)
         self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
         self.img_attn = AttentionProjections(dim, num_heads, qkv_bias)
@@ -188,7 +187,7 @@ class SingleStreamBlock(nn.Module):
     # one fused linear computes qkv and the MLP input; a second fuses the attention out-proj and MLP out
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
-        self.num_heads, self.dim = num_heads, dim
+        self.num_heads = num_heads
         self.mlp_hidden = int(dim * mlp_ratio)
         self.linear1 = Linear(dim, dim * 3 + self.mlp_hidden, parts=[dim] * 3 + [self.mlp_hidden])
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)

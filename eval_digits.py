@@ -19,10 +19,10 @@ from convert_weights import load_transformer
 from eval_clip import fid, md_table, write_report
 from sample import generate, make_grid, to_pil
 
-def load_model(path, teacher=None, lora_scale=1.0, device='cpu'):  # a full model, or a LoRA merged into the teacher
+def load_model(path, teacher=None, lora_scale=1.0):  # a full model, or a LoRA merged into the teacher
     if os.path.isfile(path) and any('.lora_' in k for k in safe_open(path, 'pt').keys()):  # a file: not diffusers
-        return load_transformer(teacher, device, lora=path, lora_scale=lora_scale, merge=True)
-    return load_transformer(path, device)
+        return load_transformer(teacher, lora=path, lora_scale=lora_scale, merge=True)
+    return load_transformer(path)
 
 def load_split(data_dir, split):
     parts = [load_file(p) for p in sorted(glob.glob(os.path.join(data_dir, f'{split}_*.safetensors')))]
@@ -77,12 +77,12 @@ def measure(bed, x, labels):  # images (N, C, H, W) in [-1, 1] and the digits th
     feats, pred = classify(bed['clf'], x)
     return {'fid': fid(feats, bed['test_feats']), 'acc': (pred == labels).float().mean().item()}
 
-def score(bed, net, steps, refs=None, shift=1.0, guidance=1.0, batch_size=500):  # -> (samples, scores) per seed set
+def score(bed, net, steps, refs=None, shift=1.0, batch_size=500):  # -> (samples, scores) per seed set
     samples, scores, txt, y = [], [], bed['txt'], bed['y']
     for k, noise in enumerate(bed['noise']):
         t0 = time.time()
         x = torch.cat([generate(net, None, txt[i:i + batch_size], y[i:i + batch_size], noise[i:i + batch_size], steps,
-                                shift, guidance).cpu() for i in range(0, len(noise), batch_size)])  # .cpu() syncs
+                                shift).cpu() for i in range(0, len(noise), batch_size)])
         dt, x = time.time() - t0, x.clamp(-1, 1)  # the classifier saw only [-1, 1] images
         rmse = (x - (x if refs is None else refs[k])).pow(2).mean().sqrt().item()
         scores.append({**measure(bed, x, bed['labels']), 'rmse': rmse, 'time': dt})
@@ -113,11 +113,8 @@ def main(argv=None):
     p.add_argument('--shift', type=float, default=1.0, help='timestep shift of the Euler grid (1 = uniform, best for '
                    'the 8x8 teacher at few steps; SCFM trains students on s ~ U[2.5, 4.5), Flux samples at ~3)')
     p.add_argument('--student_shift', type=float, help='shift for the student rows (default: --shift)')
-    p.add_argument('--guidance', type=float, default=1.0, help='embedded guidance value, if the model has guidance_in')
-    p.add_argument('--batch_size', type=int, default=500)
     p.add_argument('--classifier', help='classifier cache (default: <data_dir>/classifier.safetensors)')
     p.add_argument('--classifier_epochs', type=int, default=15)
-    p.add_argument('--device', default='cpu', help='where the models sample (the classifier always runs on CPU)')
     args = p.parse_args(argv)
     bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
     print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
@@ -126,12 +123,12 @@ def main(argv=None):
     real, n_test = ('real (train)', '–'), len(bed['test']['x0'])
     per_seed = {real: bed['floor'], **dict.fromkeys(samplers)}  # the rows in table order: the floor first
     first = {}  # each sampler's first seed set: the grid
-    models = {'teacher': load_model(args.teacher, device=args.device),
-              'student': load_model(args.student, args.teacher, args.lora_scale, args.device) if args.student else None}
+    models = {'teacher': load_model(args.teacher),
+              'student': load_model(args.student, args.teacher, args.lora_scale) if args.student else None}
     ref, refs = ('teacher', max(args.teacher_steps)), None
     for name, steps in [ref] + [s for s in samplers if s != ref]:  # the paired-RMSE reference first
         shift = args.student_shift if name == 'student' and args.student_shift is not None else args.shift
-        samples, per_seed[name, steps] = score(bed, models[name], steps, refs, shift, args.guidance, args.batch_size)
+        samples, per_seed[name, steps] = score(bed, models[name], steps, refs, shift)
         refs, first[name, steps] = refs or samples, samples[0]
         for seed, r in zip(args.seeds, per_seed[name, steps]):
             print(f'seed {seed} {name:7s} {steps:2d} steps: FID {r["fid"]:7.2f}  acc {100 * r["acc"]:5.1f}%  '

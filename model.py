@@ -560,11 +560,6 @@ class AutoEncoder(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
 
     @torch.no_grad()
-    def init_weights(self):  # after meta-device construction + to_empty(): PyTorch's default init
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)):
-                m.reset_parameters()
-
     def encode(self, x):  # the posterior mean (deterministic), scaled to roughly unit variance
         return self.cfg.scale_factor * (self.encoder(x).chunk(2, dim=1)[0] - self.cfg.shift_factor)
 

@@ -120,17 +120,19 @@ def main(argv=None):
     full, ten = (f'{root}/fewshot/{k}_s{{s}}/model.safetensors' for k in ('full', 'ten'))
     rounds = {n: f'{root}/progressive/s{{s}}/r{n}/model.safetensors' for n in (16, 8, 4, 2)}  # r<n>: n -> n/2 steps
     pretrain = {k: f'{root}/pretrain/{k}_s{{s}}/model_ema.safetensors' for k in ('fm', 'scfm', 'scfm-warm')}
-    distilled, scratch = (f'{root}/lab/shortcut{k}.safetensors' for k in ('-distill_s{s}/model', '_s{s}/model_ema'))
+    lab = {k: f'{root}/lab/{k}_s{{s}}/model{"_ema" * (k == "shortcut")}.safetensors' for k in (
+        'scfm-step', 'shortcut-distill', 'shortcut')}
     official = lambda k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors'
     counts = (1, 2, 3, 4, 8)
     sections = [  # results key, markdown title, the runs it needs, its rows: [(name, runs or None: the teacher, steps)]
-        ('lab', '### Few-step methods at equal distillation compute\n\nTeacher: plain FM (its training seeds); each '
-         'distillation from the seed-1337 teacher at 290 steps of 1.7 teacher steps (25% of the teacher); progressive: '
-         'the round\'s student for each count (5 rounds of 58 steps, 32->1; at 3 steps the 4-step student); shortcut '
-         'from scratch: the teacher\'s compute, EMA weights.', distilled,
+        ('lab', '### Few-step methods at equal distillation compute\n\nTeacher: plain FM (its training seeds). Each '
+         'distillation starts from the seed-1337 teacher: 290 steps of 1.7 teacher steps (25% of the teacher). '
+         'Progressive: 5 rounds of 58 steps (32->1), the round\'s student for each count (3 steps: the 4-step one). '
+         'Shortcut from scratch: the teacher\'s compute, EMA weights.', lab['shortcut-distill'],
          [('teacher', pretrain['fm'], (*counts, 32)), ('SCFM', full, counts)]
          + [('progressive', rounds[2 * n], (3, 4) if n == 4 else (n,)) for n in (1, 2, 4, 8)]
-         + [('shortcut, distilled', distilled, counts), ('shortcut, from scratch', scratch, counts)]),
+         + [('SCFM + step input', lab['scfm-step'], counts), ('shortcut, distilled', lab['shortcut-distill'], counts),
+            ('shortcut, from scratch', lab['shortcut'], counts)]),
         ('fewshot', f'### Few-shot distillation\n\nTraining seeds {have(ten)}; 290 SCFM steps each.', ten,
          [('teacher', None, (3, 32)), ('SCFM, all 1500 pairs', full, counts),
           ('SCFM, 10 pairs (one per digit)', ten, counts)]),

@@ -50,6 +50,7 @@ for s in $SEEDS; do
       train $RUNS/progressive/s$s/r$n config/digits_progressive.py --seed=$s --teacher_steps=$n --init_from=$prev
       prev=$RUNS/progressive/s$s/r$n/model.safetensors
     done
+    train $RUNS/lab/scfm-step_s$s config/digits_scfm.py --seed=$s --step_embed=True  # SCFM with a step-size input
     train $RUNS/lab/shortcut-distill_s$s config/digits_shortcut_distill.py --seed=$s
     train $RUNS/lab/shortcut_s$s config/digits_shortcut.py --seed=$s
   fi

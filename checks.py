@@ -88,11 +88,8 @@ def claim_out_dir(out_dir, resume, overwrite, master, inputs=()):
     if not resume and (hit := [f for f in found if any(r.startswith(os.path.realpath(os.path.join(out_dir, f)))
                                                        for r in read)]):
         raise ValueError(f'out_dir={out_dir!r}: overwrite=True would delete {hit[0]}, which this run reads')
-    for f in found if master and not resume else []:
-        if os.path.isdir(p := os.path.join(out_dir, f)):
-            shutil.rmtree(p)
-        else:
-            os.remove(p)
+    for f in found if master and not resume else []:  # overwrite=True: the earlier run's files go
+        (shutil.rmtree if os.path.isdir(p := os.path.join(out_dir, f)) else os.remove)(p)
     if lock:
         lock.truncate(0)
         print(f'pid {os.getpid()} on {os.uname().nodename}', file=lock, flush=True)

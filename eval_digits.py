@@ -118,8 +118,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     bed = testbed(args.data_dir, args.seeds, args.samples_per_class, args.classifier, args.classifier_epochs)
     print(f'classifier test accuracy on real test images: {100 * bed["clf_acc"]:.2f}%')
-    student_steps = args.student_steps if args.student else []
-    samplers = [('teacher', s) for s in args.teacher_steps] + [('student', s) for s in student_steps]
+    samplers = [('teacher', n) for n in args.teacher_steps] + [('student', n) for n in args.student_steps
+                                                                if args.student]
     real, n_test = ('real (train)', '–'), len(bed['test']['x0'])
     per_seed = {real: bed['floor'], **dict.fromkeys(samplers)}  # the rows in table order: the floor first
     first = {}  # each sampler's first seed set: the grid

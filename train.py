@@ -174,10 +174,9 @@ mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype ==
 # on one process, outside FSDP (sharding over one rank only copies them); trainable ones in master_dtype (fp32, or bf16
 # as the official script keeps its LoRA, AdamW state and EMAs). Every forward reshards, the root's too: the target
 # passes swap weights into the *sharded* parameters, so no unsharded copy may outlive a forward.
-frozen = {p for p in net.parameters() if not p.requires_grad}
+ignored = {p for p in net.parameters() if not p.requires_grad} if world == 1 else None
 for p in net.parameters():
     p.data = p.data.to(getattr(torch, master_dtype) if p.requires_grad else mixed.get('param_dtype', torch.float32))
-ignored = frozen if world == 1 else None
 for block in [*net.double_blocks, *net.single_blocks]:
     fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False),
                 reshard_after_forward=True, ignored_params=ignored)

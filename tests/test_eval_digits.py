@@ -210,7 +210,7 @@ def test_ablations_sections(digits_dir, tmp_path):
     paths = ['fewshot/full_s1/model', 'fewshot/ten_s1/model', 'pretrain/fm_s1/model_ema', 'pretrain/scfm_s1/model_ema',
              *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4, 2)],
              'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010',
-             'lab/shortcut-distill_s1/model', 'lab/shortcut_s1/model_ema']
+             'lab/scfm-step_s1/model', 'lab/shortcut-distill_s1/model', 'lab/shortcut_s1/model_ema']
     for i, p in enumerate(paths):
         os.makedirs(os.path.dirname(root / p), exist_ok=True)
         tiny_digits_model(str(root / p) + '.safetensors', i, step_embed=p.startswith('lab/'))
@@ -231,7 +231,7 @@ def test_ablations_sections(digits_dir, tmp_path):
     assert [r[2]['rmse'][0] for r in res['pretrain'] if r[1] == 32] == [0.0, 0.0]  # pretraining: each model's own
     assert {name for name, _, _ in res['pretrain']} == {'plain FM (2000 steps)', 'FM + SCFM self slice (1714 steps)'}
     assert [(name, n) for name, n, _ in res['lab'] if name == 'progressive'] == [('progressive', n) for n in (1, 2, 3, 4, 8)]
-    assert len(res['lab']) == 6 + 4 * 5
+    assert len(res['lab']) == 6 + 5 * 5
     assert set(res['ema']['dual']) == {'5', '10'}
 
 

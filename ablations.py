@@ -5,6 +5,7 @@ by eval_digits.score on the same noise and prompts (--eval_seeds seed sets of 20
 the mean over eval sets, then mean ± std over --seeds_train."""
 import argparse
 import glob
+import math
 import os
 
 import numpy as np
@@ -34,22 +35,26 @@ def straightness(bed, net, steps=32):
     jump = lambda x, t: denoise(net, x, ids[0], txt, ids[1], y, [t, 0.0], step_embed=embed)
     return ts[:-1], [(jump(x, t) - path[-1]).pow(2).mean().sqrt().item() for x, t in zip(path, ts[:-1])]
 
-def line_plot(path, panels, xlabel='training step', width=520, height=360):  # [(title, {label: (xs, ys)})]; PIL
-    colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b']
+def line_plot(path, panels, xlabel='training step', width=520, height=360):  # PIL only
+    # panels [(title, {label: (xs, ys)}[, True: log y axis])] side by side; x ticks at the data's xs if at most 8
+    colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f']
     img = Image.new('RGB', (width * len(panels), height), 'white')
     draw, top, bottom = ImageDraw.Draw(img), 30, height - 40
-    for p, (title, series) in enumerate(panels):
+    for p, (title, series, *log) in enumerate(panels):
+        f, inv = (math.log, math.exp) if log and log[0] else (float, float)
         left, right = p * width + 60, (p + 1) * width - 150  # the legend sits in the right margin
-        xs, ys = [x for s in series.values() for x in s[0]], [y for s in series.values() for y in s[1]]
+        xs, ys = [x for s in series.values() for x in s[0]], [f(y) for s in series.values() for y in s[1]]
         x0, x1, pad = min(xs), max(xs), 0.05 * (max(ys) - min(ys) + 1e-9)
         y0, y1 = min(ys) - pad, max(ys) + pad
         px = lambda x: left + (x - x0) / (x1 - x0 + 1e-9) * (right - left)
-        py = lambda y: top + (y1 - y) / (y1 - y0) * (bottom - top)
+        py = lambda y: top + (y1 - f(y)) / (y1 - y0) * (bottom - top)
         draw.rectangle([left, top, right, bottom], outline='black')
         draw.text((left, 8), title, fill='black')
         draw.text(((left + right) // 2 - 20, height - 18), xlabel, fill='black')
-        for yv, xv in [(y0 + i * (y1 - y0) / 4, x0 + i * (x1 - x0) / 4) for i in range(5)]:  # ticks
+        xticks = sorted(set(xs)) if len(set(xs)) <= 8 else [x0 + i * (x1 - x0) / 4 for i in range(5)]
+        for yv in [inv(y0 + i * (y1 - y0) / 4) for i in range(5)]:
             draw.text((left - 56, py(yv) - 6), f'{yv:.3g}', fill='black')
+        for xv in xticks:
             draw.text((px(xv) - 8, bottom + 4), f'{xv:.4g}', fill='black')
         for i, (label, (sx, sy)) in enumerate(series.items()):
             color, points = colors[i % len(colors)], [(px(x), py(y)) for x, y in zip(sx, sy)]
@@ -65,7 +70,8 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
     curves = {}
     for run in sorted(glob.glob(f'{root}/*_s*')):
         strategy, seed = os.path.basename(run).rsplit('_s', 1)
-        for path in sorted(glob.glob(f'{run}/snapshots/model_*.safetensors')) if seed in seeds else []:
+        finished = seed in seeds and os.path.exists(f'{run}/model.safetensors')  # a run still training: not yet
+        for path in sorted(glob.glob(f'{run}/snapshots/model_*.safetensors')) if finished else []:
             if (step := int(path.rsplit('_', 1)[1].split('.')[0])) == 0:
                 continue  # the teacher itself: the curves start at `start`
             net = load_model(path, teacher)
@@ -88,17 +94,17 @@ def ema_section(bed, teacher, root, seeds, start, out, name, title, results):
                    fmt(c[last]['rmse'], 4), f'{c[best[n]]["fid"][0]:.2f} ({best[n]})'] for n, c in summary.items()])
     return md + ['', f'![{title}]({name}_curves.png)', '']
 
-def lab_figures(bed, rows, first_runs, teacher, out):
+def lab_figures(bed, results, first_runs, teacher, out):
     """few_step.png: FID and accuracy against NFE per method, the real images' floor as a line; straightness.png: the
     one-step prediction's distance from the 32-step endpoint along t, for the first training seed's models."""
-    methods, floor = dict.fromkeys(name for name, _, _ in rows), mean_std([{**m, 'acc': 100 * m['acc']}
-                                                                           for m in bed['floor']])
-    series = lambda metric: {'real (train)': ([1, 8], [floor[metric][0]] * 2), **{name: tuple(map(list, zip(*sorted(
-        (n, r[metric][0]) for nm, n, r in rows if nm == name and n <= 8)))) for name in methods}}
-    line_plot(os.path.join(out, 'few_step.png'), [('FID (mean over training seeds)', series('fid')),
+    rows, floor = results['lab'], mean_std([{**m, 'acc': 100 * m['acc']} for m in bed['floor']])
+    methods = dict.fromkeys(r[0] for r in rows)
+    series = lambda metric: {'real images (floor)': ([1, 8], [floor[metric][0]] * 2), **{name: tuple(zip(*sorted(
+        (n, r[metric][0]) for nm, n, r in rows if nm == name and n <= 8))) for name in methods}}
+    line_plot(os.path.join(out, 'few_step.png'), [('FID, log scale (mean over training seeds)', series('fid'), True),
               ('accuracy % (the prompted digit)', series('acc'))], xlabel='steps (NFE)')
-    paths = [(name, path) for name, path in first_runs if os.path.exists(path)]
-    curves = {name: straightness(bed, load_model(path, teacher)) for name, path in tqdm(paths, desc='straightness')}
+    curves = results['straightness'] = {name: straightness(bed, load_model(path, teacher)) for name, path in tqdm(
+        first_runs, desc='straightness') if os.path.exists(path)}
     line_plot(os.path.join(out, 'straightness.png'), [('RMSE of x_t - t v(x_t, t) to the 32-step endpoint',
               curves)], xlabel='t (1 = noise)')
 
@@ -116,14 +122,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     teacher, bed = load_model(args.teacher), testbed(args.data_dir, args.eval_seeds)
     bed['ref'] = score(bed, teacher, 32)[0]  # the paired-RMSE reference: the teacher's 32-step samples
-    have = lambda path: [s for s in seeds if os.path.exists(path.format(s=s))]
+    have, counts = (lambda path: [s for s in seeds if os.path.exists(path.format(s=s))]), (1, 2, 3, 4, 8)
     full, ten = (f'{root}/fewshot/{k}_s{{s}}/model.safetensors' for k in ('full', 'ten'))
     rounds = {n: f'{root}/progressive/s{{s}}/r{n}/model.safetensors' for n in (16, 8, 4, 2)}  # r<n>: n -> n/2 steps
     pretrain = {k: f'{root}/pretrain/{k}_s{{s}}/model_ema.safetensors' for k in ('fm', 'scfm', 'scfm-warm')}
     lab = {k: f'{root}/lab/{k}_s{{s}}/model{"_ema" * (k == "shortcut")}.safetensors' for k in (
         'scfm-step', 'shortcut-distill', 'shortcut')}
     official = lambda k: f'{root}/official/{k}_s{{s}}/{"lora" if k.startswith("lora") else "model"}.safetensors'
-    counts = (1, 2, 3, 4, 8)
     sections = [  # results key, markdown title, the runs it needs, its rows: [(name, runs or None: the teacher, steps)]
         ('lab', '### Few-step methods at equal distillation compute\n\nTeacher: plain FM (its training seeds). Each '
          'distillation starts from the seed-1337 teacher: 290 steps of 1.7 teacher steps (25% of the teacher). '
@@ -159,8 +164,8 @@ def main(argv=None):
     for sub, title in (('ema', 'EMA strategies'), ('ema_long', 'EMA strategies, 900 steps')):
         md += ema_section(bed, args.teacher, f'{root}/{sub}', seeds, start, args.out, sub, title, results)
     if 'lab' in results:
-        lab_figures(bed, results['lab'], [(name, runs.format(s=seeds[0])) for name, runs, _ in sections[0][3][:2]
-                                          + sections[0][3][-2:]], args.teacher, args.figures)
+        lab_figures(bed, results, [(name, runs.format(s=seeds[0])) for name, runs, _ in sections[0][3][:2]
+                                   + sections[0][3][-3:]], args.teacher, args.figures)
     write_report(args.out, 'ablations.md', md, results)
 
 if __name__ == '__main__':

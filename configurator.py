@@ -24,9 +24,8 @@ for _arg in _sys.argv[1:]:
             raise FileNotFoundError(f'config file not found: {_arg}')
         _ns = dict(globals())
         exec(open(_arg).read(), _ns)
-        _unknown = [k for k, v in _ns.items() if k not in globals() and not k.startswith('_')
-                    and not isinstance(v, _types.ModuleType)]
-        if _unknown:  # a typo in a config file must not silently become a new global
+        if _unknown := [k for k, v in _ns.items() if k not in globals() and not k.startswith('_')
+                        and not isinstance(v, _types.ModuleType)]:  # a typo must not silently become a new global
             raise ValueError(f'unknown config key(s) in {_arg}: {_unknown}')
         for _k in [k for k in globals() if not k.startswith('_') and k in _ns and _ns[k] is not globals()[k]]:
             globals()[_k] = _coerce(_k, _ns[_k], globals()[_k], _arg)

@@ -126,10 +126,9 @@ def summarize(args, parts, world, device):
             res['fid_ref'] = fid(gen, inception(read_image_folder(args.fid_ref), device))
     head = ['model', 'steps', 'shift', 'guidance', 'LoRA scale', 'n', 'CLIP score', 'FID vs teacher', 'FID vs ref',
             's/image']
-    numbers = [f'{res.get(k, float("nan")):.2f}' for k in ('clip_score', 'fid_teacher', 'fid_ref',
-                                                            'sample_seconds_per_image')]
-    lora_scale = args.lora_scale if args.lora else '-'
-    row = [res['name'], args.steps, args.shift, args.guidance, lora_scale, res['n'], *numbers]
+    nums = [f'{res.get(k, float("nan")):.2f}' for k in ('clip_score', 'fid_teacher', 'fid_ref',
+                                                         'sample_seconds_per_image')]
+    row = [res['name'], args.steps, args.shift, args.guidance, args.lora_scale if args.lora else '-', res['n'], *nums]
     write_report(args.out, 'results.md', md_table(head, [row]), res)
 
 def md_table(header, rows):

@@ -121,8 +121,7 @@ def main(argv=None):
     samplers = [('teacher', n) for n in args.teacher_steps] + [('student', n) for n in args.student_steps
                                                                 if args.student]
     real, n_test = ('real (train)', '–'), len(bed['test']['x0'])
-    per_seed = {real: bed['floor'], **dict.fromkeys(samplers)}  # the rows in table order: the floor first
-    first = {}  # each sampler's first seed set: the grid
+    per_seed, first = {real: bed['floor'], **dict.fromkeys(samplers)}, {}  # rows: the floor first; first: the grid
     models = {'teacher': load_model(args.teacher),
               'student': load_model(args.student, args.teacher, args.lora_scale) if args.student else None}
     ref, refs = ('teacher', max(args.teacher_steps)), None

@@ -222,7 +222,8 @@ with torch.no_grad():
                 else full)
 print0(f'model {model}: {sum(p.numel() for p in params.values()) / 1e6:.2f}M params, '
        f'{sum(p.numel() for p in trainable.values()) / 1e6:.3f}M trainable, '
-       f'frozen in {next((str(p.dtype)[6:] for p in frozen), "-")}, {world} process(es) on {device_type}, {dtype}')
+       f'frozen in {next((str(p.dtype)[6:] for p in params.values() if not p.requires_grad), "-")}, {world} '
+       f'process(es) on {device_type}, {dtype}')
 
 # weight sets as local shards: no communication to update, swap or reset them
 def local(tensors):

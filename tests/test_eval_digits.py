@@ -209,7 +209,8 @@ def test_ablations_sections(digits_dir, tmp_path):
     root = tmp_path / 'abl'
     paths = ['fewshot/full_s1/model', 'fewshot/ten_s1/model', 'pretrain/fm_s1/model_ema', 'pretrain/scfm_s1/model_ema',
              *[f'progressive/s1/r{n}/model' for n in (32, 16, 8, 4, 2)],
-             'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010',
+             'ema/dual_s1/snapshots/model_0000005', 'ema/dual_s1/snapshots/model_0000010', 'ema/dual_s1/model',
+             'ema/vanilla_s1/snapshots/model_0000005',  # still training (no export): not scored
              'lab/scfm-step_s1/model', 'lab/shortcut-distill_s1/model', 'lab/shortcut_s1/model_ema']
     for i, p in enumerate(paths):
         os.makedirs(os.path.dirname(root / p), exist_ok=True)
@@ -232,7 +233,7 @@ def test_ablations_sections(digits_dir, tmp_path):
     assert {name for name, _, _ in res['pretrain']} == {'plain FM (2000 steps)', 'FM + SCFM self slice (1714 steps)'}
     assert [(name, n) for name, n, _ in res['lab'] if name == 'progressive'] == [('progressive', n) for n in (1, 2, 3, 4, 8)]
     assert len(res['lab']) == 6 + 5 * 5
-    assert set(res['ema']['dual']) == {'5', '10'}
+    assert set(res['ema']['dual']) == {'5', '10'} and 'vanilla' not in res['ema']
 
 
 def test_straightness(digits_dir, tmp_path):
